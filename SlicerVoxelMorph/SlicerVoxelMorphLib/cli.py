@@ -1,0 +1,241 @@
+"""Command line: ``slicer-voxelmorph register`` and ``slicer-voxelmorph train``."""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from .errors import Cancelled, InputError
+
+REGISTER_EXAMPLES = """examples:
+  slicer-voxelmorph register --fixed atlas.nii.gz --moving subject.nrrd --out result/
+  slicer-voxelmorph register --fixed F.nii.gz --moving M.nii.gz --fixed-labels FL.nii.gz \\
+      --moving-labels ML.nii.gz --label-names labels.csv --refine 50 --out result/
+  slicer-voxelmorph register --fixed F.mha --moving M.mha --model none --refine 150 --out result/
+"""
+
+TRAIN_EXAMPLES = """examples:
+  slicer-voxelmorph train --images data/train --labels data/label --atlas data/fixed.nii.gz \\
+      --atlas-labels data/label/S01.nii.gz --val-subjects S35,S36 --iterations 5000 --out runs/lpba40
+  slicer-voxelmorph train --list pairs.csv --out runs/mine --resume
+"""
+
+
+def subject_name(path: Path) -> str:
+    """Subject id of a file: its name up to the first dot (S11.delineation.nii.gz -> S11)."""
+    return path.name.split(".")[0]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files in a folder, sorted by name."""
+    suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+    return sorted(p for p in folder.iterdir() if p.name.endswith(suffixes))
+
+
+def training_lists(args: argparse.Namespace) -> tuple[list[str], list[str] | None, list[str], list[str] | None]:
+    """(train images, train labels, validation images, validation labels) from folders or a list file."""
+    if args.list:
+        with open(args.list, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "image" not in rows[0]:
+            raise InputError(f"{args.list}: a CSV with columns image[,labels][,split] is required")
+        base = Path(args.list).parent
+        images = [str(base / r["image"]) for r in rows]
+        labels = [str(base / r["labels"]) for r in rows] if rows[0].get("labels") else None
+        is_val = [r.get("split", "train") == "val" for r in rows]
+    else:
+        if not args.images or not Path(args.images).is_dir():
+            raise InputError("--images must be a folder of images (or give --list)")
+        files = image_files(Path(args.images))
+        images = [str(p) for p in files]
+        labels = None
+        if args.labels:
+            by_name = {subject_name(p): p for p in image_files(Path(args.labels))}
+            missing = [subject_name(p) for p in files if subject_name(p) not in by_name]
+            if missing:
+                raise InputError(f"no label map in {args.labels} for: {', '.join(missing)}")
+            labels = [str(by_name[subject_name(p)]) for p in files]
+        val = set(filter(None, (args.val_subjects or "").split(",")))
+        is_val = [subject_name(p) in val for p in files]
+    pick = [i for i, v in enumerate(is_val) if not v]
+    held = [i for i, v in enumerate(is_val) if v]
+    return ([images[i] for i in pick], [labels[i] for i in pick] if labels else None,
+            [images[i] for i in held], [labels[i] for i in held] if labels else None)
+
+
+def read_label_names(path: str | None) -> dict[int, str] | None:
+    """Label names from a CSV with columns id,name (a header row is required)."""
+    if path is None:
+        return None
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {int(r["id"]): r["name"] for r in rows}
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read label names from {path}: a CSV with columns id,name is required "
+                         f"({type(exc).__name__})") from None
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Create the output folder; refuse a non-empty one unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"output folder {out} is not empty (use --overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_register(args: argparse.Namespace) -> None:
+    import json
+    import warnings
+
+    from .images import read_image, write_image
+    from .register import register
+    from .report import write_report_png
+
+    out = Path(args.out)
+    names = read_label_names(args.label_names)
+    fixed = read_image(args.fixed, "fixed image")
+    moving = read_image(args.moving, "moving image")
+    fixed_labels = read_image(args.fixed_labels, "fixed labels") if args.fixed_labels else None
+    moving_labels = read_image(args.moving_labels, "moving labels") if args.moving_labels else None
+    prepare_output(out, args.overwrite)
+    refine_steps = args.refine if args.refine is not None else (0 if args.model != "none" else 100)
+    bar = _progress_bar(args.quiet, total=100, bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}")
+
+    def progress(stage: str, fraction: float) -> None:
+        bar.set_description_str(stage)
+        bar.n = round(100 * fraction)
+        bar.refresh()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, label_names=names,
+                          model=args.model, device=args.device, refine_steps=refine_steps,
+                          affine=not args.no_affine, progress=progress)
+    bar.close()
+    write_image(result.warped, out / "warped.nii.gz")
+    write_image(result.displacement, out / "displacement.nii.gz")
+    write_image(result.jacobian, out / "jacobian.nii.gz")
+    if result.warped_labels is not None:
+        write_image(result.warped_labels, out / "warped_labels.nii.gz")
+    write_report_png(out / "report.png", fixed, moving, result.warped, result.displacement, result.jacobian,
+                     result.report)
+    report = {"fixed": str(args.fixed), "moving": str(args.moving), **result.report}
+    tmp = out / ".report.json.partial"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "report.json")
+    if not args.quiet:
+        summary = f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}, " \
+            if "mean_dice_after" in report else ""
+        print(f"{summary}folding {report['folding_percent']:.4f} %, {report['seconds']['total']:.1f} s "
+              f"on {report['device']}; results in {out}")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    import torch
+
+    from .devices import pick_device
+    from .train import TrainConfig, Trainer, hardware_description
+
+    images, labels, val_images, val_labels = training_lists(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+               if f.name not in ("images", "labels") and getattr(args, f.name, None) is not None}
+    config = TrainConfig(images=images, labels=labels, val_images=val_images, val_labels=val_labels, **options)
+    device = pick_device(args.device)
+    bar = _progress_bar(args.quiet, total=config.iterations, unit="it")
+    trainer = Trainer(config, Path(args.out), device)
+    if args.resume:
+        trainer.resume()
+        bar.update(trainer.iteration)
+
+    def progress(stage: str, fraction: float) -> None:
+        bar.n = trainer.iteration
+        last = trainer.history[-1] if trainer.history else {}
+        bar.set_postfix({k: round(v, 4) for k, v in last.items() if k in ("loss", "dice", "val_dice")})
+        bar.refresh()
+
+    trainer.progress = progress
+    try:
+        trainer.run(args.chunk)
+    finally:
+        bar.close()
+    path = trainer.export_model(hardware_description(device))
+    print(f"model written to {path} after {trainer.iteration} iterations")
+
+
+def _progress_bar(quiet: bool, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(disable=quiet, dynamic_ncols=True, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slicer-voxelmorph", description="VoxelMorph deformable registration.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    r = commands.add_parser("register", help="register a moving image to a fixed image",
+                            epilog=REGISTER_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--fixed", required=True, help="fixed image (any 3D format SimpleITK reads)")
+    r.add_argument("--moving", required=True, help="moving image")
+    r.add_argument("--fixed-labels", help="label map of the fixed image (for Dice)")
+    r.add_argument("--moving-labels", help="label map of the moving image (warped with nearest neighbour)")
+    r.add_argument("--label-names", help="CSV with columns id,name")
+    r.add_argument("--model", default="bundled", help="'bundled' (default), 'none' (classical), or a model file")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--refine", type=int, help="instance-optimisation steps (default 0; 100 with --model none)")
+    r.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment (images already aligned)")
+    r.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    r.add_argument("--out", required=True, help="output folder")
+    r.set_defaults(func=run_register)
+
+    t = commands.add_parser("train", help="train a model", epilog=TRAIN_EXAMPLES,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--images", help="folder of training images (already aligned, one grid)")
+    t.add_argument("--labels", help="folder of label maps, matched to images by name up to the first dot")
+    t.add_argument("--list", help="CSV with columns image, labels, split (train|val) instead of folders")
+    t.add_argument("--val-subjects", help="comma-separated subject names held out for validation")
+    t.add_argument("--atlas", help="atlas image (fixed image of atlas pairs)")
+    t.add_argument("--atlas-labels", help="label map of the atlas")
+    t.add_argument("--mode", choices=["scan", "atlas"], help="scan-to-scan (default) or all-to-atlas pairs")
+    t.add_argument("--atlas-fraction", type=float, help="share of atlas pairs in scan mode (default 0.3)")
+    t.add_argument("--iterations", type=int, help="total iterations (default 1000)")
+    t.add_argument("--chunk", type=int, help="stop after this many more iterations (resume later)")
+    t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    t.add_argument("--smooth-weight", type=float, help="weight of the smoothness loss (default 1)")
+    t.add_argument("--dice-weight", type=float, help="weight of the label Dice loss, 0 = unsupervised (default 1)")
+    t.add_argument("--spacing-mm", type=float, help="training grid spacing in mm (default 2)")
+    t.add_argument("--features", choices=["vm1", "vm2"], help="UNet feature sizes (default vm2)")
+    t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
+    t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")
+    t.add_argument("--seed", type=int, help="random seed (default 0)")
+    t.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--threads", type=int, help="CPU threads for torch")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, model.pt)")
+    t.set_defaults(func=run_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as exc:
+        print(f"slicer-voxelmorph: error: {exc}", file=sys.stderr)
+        return 2
+    except (Cancelled, KeyboardInterrupt):
+        print("slicer-voxelmorph: stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Image I/O, validation and geometry: the ONE place that knows origin, spacing, direction, LPS/RAS.
+
+SimpleITK images live in physical LPS millimetres. Slicer works in RAS with arrays indexed (K, J, I).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def read_image(path: str | Path, what: str = "image") -> sitk.Image:
+    """Read a 3D scalar image that SimpleITK can read; raise InputError naming the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} file not found: {path}")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise InputError(f"cannot read {what} {path}: {first}") from None
+    return check_image(image, f"{what} {path.name}")
+
+
+def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Check a 3D scalar image with finite, non-constant voxels; return it unchanged."""
+    if image.GetDimension() != 3:
+        raise InputError(f"{what} is {image.GetDimension()}D; a 3D image is required")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                         "a scalar image is required")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{what} has size {image.GetSize()}: a 3D image needs at least 2 voxels per axis")
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"{what} contains NaN or infinite voxels")
+    if array.min() == array.max():
+        raise InputError(f"{what} is constant ({array.min()}): nothing to register")
+    return image
+
+
+def check_labels(labels: sitk.Image, image: sitk.Image, what: str = "labels") -> sitk.Image:
+    """Check that a label map is integer, non-empty and on the same grid as its image."""
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} must be a 3D scalar label map")
+    if not same_grid(labels, image):
+        raise InputError(f"{what} are on another grid (size, spacing, origin or direction) than their image")
+    array = sitk.GetArrayViewFromImage(labels)
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise InputError(f"{what} have non-integer values: a label map is required")
+    if not array.any():
+        raise InputError(f"{what} are empty (all background)")
+    return sitk.Cast(labels, sitk.sitkInt32)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
+    """True when two images share size, spacing, origin and direction."""
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def index_to_physical(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix mapping a continuous index (i, j, k, 1) to an LPS point."""
+    matrix = np.eye(4)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    matrix[:3, :3] = direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def ijk_to_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 IJKToRAS matrix of an image, as Slicer stores it for a volume node."""
+    return LPS_TO_RAS @ index_to_physical(image)
+
+
+def image_from_array(array_kji: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> sitk.Image:
+    """SimpleITK image from a (K, J, I) array and a 4x4 IJKToRAS matrix (Slicer's layout)."""
+    lps = LPS_TO_RAS @ np.asarray(ijk_to_ras_matrix, dtype=float)
+    linear = lps[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array_kji))
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((linear / spacing).flatten().tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    return image
+
+
+def array_kji(image: sitk.Image) -> np.ndarray:
+    """Voxel array of an image, indexed (k, j, i) like Slicer's arrayFromVolume (a copy)."""
+    return sitk.GetArrayFromImage(image)
+
+
+def affine_field(matrix: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """``matrix`` (4x4) applied to the LPS point of every voxel centre of ``image``, shape (K, J, I, 3).
+
+    Built as a sum of one broadcast term per axis, so no (K, J, I, 4) coordinate array is made.
+    """
+    linear = matrix @ index_to_physical(image)
+    size = image.GetSize()
+    field = np.empty((*size[::-1], 3))
+    field[...] = linear[:3, 3]
+    for axis, n in enumerate(size):  # i, j, k -> array axes 2, 1, 0
+        shape = [1, 1, 1, 3]
+        shape[2 - axis] = n
+        field += (np.arange(n)[:, None] * linear[:3, axis]).reshape(shape)
+    return field
+
+
+def physical_points(image: sitk.Image) -> np.ndarray:
+    """LPS coordinates of every voxel centre, shape (K, J, I, 3)."""
+    return affine_field(np.eye(4), image)
+
+
+def vectors_to_ras(vectors_lps: np.ndarray) -> np.ndarray:
+    """Convert displacement vectors (..., 3) between LPS and RAS (the map is its own inverse)."""
+    return vectors_lps * LPS_TO_RAS.diagonal()[:3]
+
+
+def displacement_image(vectors_kji: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Vector image (float64, LPS mm) with the geometry of ``reference`` from a (K, J, I, 3) array."""
+    field = sitk.GetImageFromArray(vectors_kji.astype(np.float64), isVector=True)
+    field.CopyInformation(reference)
+    return field
+
+
+def write_image(image: sitk.Image, path: str | Path) -> None:
+    """Write atomically: to a temporary name in the same folder, then rename."""
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
+    sitk.WriteImage(image, str(tmp), useCompression=True)
+    tmp.replace(path)
+
+
+def voxel_flow_to_physical(flow: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """Displacement in voxels, channels (dk, dj, di) as the network gives it, shape (3, K, J, I),
+    to physical LPS millimetres on the grid of ``image``, shape (K, J, I, 3)."""
+    linear = index_to_physical(image)[:3, :3]
+    ijk = np.moveaxis(np.asarray(flow)[::-1], 0, -1)
+    return ijk @ linear.T
+
+
+def affine_matrix(transform: sitk.Transform) -> np.ndarray:
+    """4x4 matrix (LPS) of a SimpleITK affine-like transform: point p -> A (p - c) + c + t."""
+    a = np.array(transform.GetMatrix()).reshape(3, 3)
+    c = np.array(transform.GetCenter())
+    t = np.array(transform.GetTranslation())
+    matrix = np.eye(4)
+    matrix[:3, :3] = a
+    matrix[:3, 3] = c + t - a @ c
+    return matrix
+
+
+def working_grid(fixed: sitk.Image, mask: np.ndarray, spacing: float = 1.0, multiple: int = 16,
+                 margin_mm: float = 4.0) -> sitk.Image:
+    """Empty float image on an LPS-aligned grid of ``spacing`` mm (identity direction) whose size is a
+    multiple of ``multiple``, centred on the bounding box of ``mask`` (a (K, J, I) foreground of fixed)."""
+    mask = np.array(mask, dtype=bool)
+    if not mask.any():
+        mask[:] = True
+    k, j, i = np.nonzero(mask)
+    corners = np.array([[a, b, c, 1.0] for a in (i.min() - 0.5, i.max() + 0.5)
+                        for b in (j.min() - 0.5, j.max() + 0.5) for c in (k.min() - 0.5, k.max() + 0.5)])
+    points = (corners @ index_to_physical(fixed).T)[:, :3]
+    low, high = points.min(0) - margin_mm, points.max(0) + margin_mm
+    size = np.ceil((high - low) / spacing / multiple).astype(int) * multiple
+    centre = (low + high) / 2
+    grid = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+    grid.SetSpacing([spacing] * 3)
+    grid.SetOrigin((centre - (size - 1) * spacing / 2).tolist())
+    return grid

@@ -1,0 +1,71 @@
+"""Spatial layers: warping, integration of velocity fields, resizing of displacement fields.
+
+Tensors are (batch, channel, D, H, W). A displacement field has 3 channels: the shift in voxels
+along D, H and W (for images from SimpleITK arrays: along k, j, i).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def identity_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Voxel coordinates of a grid, shape (1, 3, D, H, W)."""
+    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
+
+
+class SpatialTransformer(nn.Module):
+    """Warp ``source`` by ``flow``: out(x) = source(x + flow(x)), linear or nearest interpolation."""
+
+    def __init__(self, mode: str = "bilinear") -> None:
+        super().__init__()
+        if mode not in ("bilinear", "nearest"):
+            raise ValueError(f"interpolation mode must be 'bilinear' or 'nearest', not {mode!r}")
+        self.mode = mode
+
+    def forward(self, source: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        shape = flow.shape[2:]
+        coords = identity_grid(shape, flow.device) + flow
+        scale = torch.tensor([2.0 / (n - 1) for n in shape], device=flow.device).view(1, 3, 1, 1, 1)
+        coords = coords * scale - 1.0
+        grid = coords.permute(0, 2, 3, 4, 1).flip(-1)  # grid_sample wants (x=W, y=H, z=D)
+        return F.grid_sample(source, grid.to(source.dtype), mode=self.mode, padding_mode="border",
+                             align_corners=True)
+
+
+class VecInt(nn.Module):
+    """Integrate a stationary velocity field by scaling and squaring (a diffeomorphism)."""
+
+    def __init__(self, steps: int = 7) -> None:
+        super().__init__()
+        if steps < 0:
+            raise ValueError("integration steps must be >= 0")
+        self.steps = steps
+        self.transformer = SpatialTransformer()
+
+    def forward(self, velocity: torch.Tensor) -> torch.Tensor:
+        flow = velocity / (2 ** self.steps)
+        for _ in range(self.steps):
+            flow = flow + self.transformer(flow, flow)
+        return flow
+
+
+class ResizeTransform(nn.Module):
+    """Resize a displacement field by ``factor``, scaling its vectors (voxel units) by the same factor.
+
+    Voxel centres are matched as in average pooling (``align_corners=False``): coarse voxel c covers
+    fine voxels factor*c .. factor*c + factor - 1.
+    """
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, flow: torch.Tensor, size: tuple[int, ...] | None = None) -> torch.Tensor:
+        if self.factor == 1 and size is None:
+            return flow
+        if size is None:
+            return self.factor * F.interpolate(flow, scale_factor=self.factor, mode="trilinear",
+                                               align_corners=False)
+        return self.factor * F.interpolate(flow, size=size, mode="trilinear", align_corners=False)

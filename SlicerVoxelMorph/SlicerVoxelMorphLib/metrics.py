@@ -1,0 +1,53 @@
+"""Registration metrics: Dice overlap and the Jacobian determinant of a displacement field."""
+
+import numpy as np
+
+
+def label_ids(labels: np.ndarray) -> list[int]:
+    """Sorted non-zero label ids present in a label map."""
+    return [int(v) for v in np.unique(labels) if v != 0]
+
+
+def dice(a: np.ndarray, b: np.ndarray, ids: list[int]) -> dict[int, float]:
+    """Dice coefficient per label id between two label maps (NaN where a label is in neither)."""
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    top = max(ids) + 1 if ids else 1
+    a_count = np.bincount(np.where(a < top, a, 0).clip(0), minlength=top)
+    b_count = np.bincount(np.where(b < top, b, 0).clip(0), minlength=top)
+    same = a == b
+    both = np.bincount(np.where(same & (a < top), a, 0).clip(0), minlength=top)
+    out = {}
+    for i in ids:
+        denominator = a_count[i] + b_count[i]
+        out[i] = float(2 * both[i] / denominator) if denominator else float("nan")
+    return out
+
+
+def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarray) -> np.ndarray:
+    """det of the Jacobian of x -> x + u(x) in physical space, float32, shape (K, J, I).
+
+    ``vectors``: u in physical units, shape (K, J, I, 3) on a grid whose index (i, j, k) maps to
+    physical space through the 3x3 matrix ``index_to_physical_linear`` (direction @ diag(spacing)).
+    Central differences inside, one-sided at the borders (numpy.gradient).
+    """
+    inverse = np.linalg.inv(index_to_physical_linear)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    by_index = [np.gradient(vectors, axis=axis) for axis in (2, 1, 0)]  # d u / d i, d j, d k
+    # J[a][b] = delta_ab + sum_c du_a/dindex_c * inverse[c, b]
+    jac = [[sum(by_index[c][..., a] * np.float32(inverse[c, b]) for c in range(3)) + (a == b)
+            for b in range(3)] for a in range(3)]
+    return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+            - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+            + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])).astype(np.float32)
+
+
+def folding_percent(det: np.ndarray, mask: np.ndarray) -> float:
+    """Percentage of voxels in ``mask`` whose Jacobian determinant is <= 0."""
+    n = int(mask.sum())
+    return float(100.0 * ((det <= 0) & mask).sum() / n) if n else float("nan")
+
+
+def std_log_jacobian(det: np.ndarray, mask: np.ndarray) -> float:
+    """Standard deviation of log det J inside ``mask`` (determinants clipped at 1e-9)."""
+    values = det[mask]
+    return float(np.log(np.clip(values, 1e-9, None)).std()) if values.size else float("nan")

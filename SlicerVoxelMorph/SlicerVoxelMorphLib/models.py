@@ -1,0 +1,87 @@
+"""Model files: a self-describing checkpoint loadable with ``torch.load(weights_only=True)``."""
+
+import hashlib
+import platform
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .errors import InputError
+from .networks import VxmDense
+
+FORMAT = "slicer-voxelmorph-model"
+FORMAT_VERSION = 1
+BUNDLED = Path(__file__).parent / "bundled" / "lpba40.pt"
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in model files and reports."""
+    return {"slicer_voxelmorph": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "simpleitk": sitk.Version_VersionString(), "python": platform.python_version()}
+
+
+def content_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over parameter names and float32 values: identifies the weights, not the file."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_model(path: str | Path, net: VxmDense, spacing_mm: float, metadata: dict) -> str:
+    """Save weights with their architecture, working grid and metadata; return the content hash."""
+    state = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
+    digest = content_hash(state)
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dict(net.config),
+              "spacing_mm": float(spacing_mm), "normalisation": "percentile 0.5-99.5 to [0, 1]",
+              "state_dict": state, "sha256": digest, "versions": versions(), **metadata}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(record, tmp)
+    tmp.replace(path)
+    return digest
+
+
+def read_model_file(path: str | Path) -> dict:
+    """Load and check a model file's record; InputError for anything that is not such a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path}")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for foreign files
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path} is not a SlicerVoxelMorph model file ({reason})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise InputError(f"{path} is not a SlicerVoxelMorph model file (no '{FORMAT}' record)")
+    if record.get("format_version", 0) > FORMAT_VERSION:
+        raise InputError(f"{path} needs a newer SlicerVoxelMorph (format {record['format_version']})")
+    if content_hash(record["state_dict"]) != record.get("sha256"):
+        raise InputError(f"{path} is corrupt: its weights do not match their recorded hash")
+    return record
+
+
+def load_model(path: str | Path) -> tuple[VxmDense, dict]:
+    """Network (eval mode, CPU) and its record from a model file."""
+    record = read_model_file(path)
+    try:
+        net = VxmDense(**record["config"])
+        net.load_state_dict(record["state_dict"])
+    except (TypeError, RuntimeError, KeyError) as exc:
+        raise InputError(f"{path}: weights do not fit the recorded architecture ({str(exc)[:120]})") from None
+    return net.eval(), record
+
+
+def resolve_model(model: str | Path | None) -> Path | None:
+    """Model path for a ``--model`` value: 'bundled' (the default model), 'none', or a file."""
+    if model is None or str(model) == "none":
+        return None
+    if str(model) == "bundled":
+        if not BUNDLED.is_file():
+            raise InputError("no bundled model is installed; use --model none or a model file")
+        return BUNDLED
+    return Path(model)

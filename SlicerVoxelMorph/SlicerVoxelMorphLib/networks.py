@@ -1,0 +1,104 @@
+"""The VoxelMorph network: a UNet that predicts a stationary velocity field from (moving, fixed)."""
+
+import torch
+from torch import nn
+
+from .layers import ResizeTransform, SpatialTransformer, VecInt
+
+FEATURES = {
+    "vm1": ([16, 32, 32, 32], [32, 32, 32, 32, 8, 8]),
+    "vm2": ([16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]),
+}
+
+
+class ConvBlock(nn.Module):
+    """3x3x3 convolution followed by LeakyReLU(0.2)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, padding=1)
+        self.activation = nn.LeakyReLU(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.conv(x))
+
+
+class Unet(nn.Module):
+    """VoxelMorph UNet: one conv per level, max-pool down, nearest up, skip connections.
+
+    With ``half_res`` the last upsampling is skipped and the output is at half resolution.
+    """
+
+    def __init__(self, in_channels: int, enc_nf: list[int], dec_nf: list[int], half_res: bool = False) -> None:
+        super().__init__()
+        self.half_res = half_res
+        self.encoder = nn.ModuleList()
+        channels, skips = in_channels, []
+        for nf in enc_nf:
+            self.encoder.append(ConvBlock(channels, nf))
+            skips.append(nf)
+            channels = nf
+        self.decoder = nn.ModuleList()
+        for level, nf in enumerate(dec_nf[:len(enc_nf)]):
+            self.decoder.append(ConvBlock(channels, nf))
+            channels = nf
+            if not (half_res and level == len(enc_nf) - 1):
+                channels += skips[-1 - level]
+        self.extras = nn.ModuleList()
+        for nf in dec_nf[len(enc_nf):]:
+            self.extras.append(ConvBlock(channels, nf))
+            channels = nf
+        self.out_channels = channels
+        self.pool = nn.MaxPool3d(2)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        last = len(self.decoder) - 1
+        for level, block in enumerate(self.decoder):
+            x = block(x)
+            if not (self.half_res and level == last):
+                x = torch.cat([self.upsample(x), skips.pop()], dim=1)
+        for block in self.extras:
+            x = block(x)
+        return x
+
+
+class VxmDense(nn.Module):
+    """VoxelMorph dense registration network (Balakrishnan et al. 2019, Dalca et al. 2019).
+
+    Input shapes must be multiples of 16. ``forward`` returns the warped moving image, the
+    displacement field (voxels, full resolution) and the velocity field (at the flow resolution).
+    """
+
+    def __init__(self, features: str = "vm2", half_res: bool = True, int_steps: int = 7) -> None:
+        super().__init__()
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {sorted(FEATURES)}, not {features!r}")
+        enc_nf, dec_nf = FEATURES[features]
+        self.config = {"features": features, "half_res": half_res, "int_steps": int_steps}
+        self.unet = Unet(2, enc_nf, dec_nf, half_res=half_res)
+        self.flow = nn.Conv3d(self.unet.out_channels, 3, 3, padding=1)
+        nn.init.normal_(self.flow.weight, 0.0, 1e-5)
+        nn.init.zeros_(self.flow.bias)
+        self.integrate = VecInt(int_steps)
+        self.transformer = SpatialTransformer()
+
+    def velocity(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """Velocity field in voxels of its own grid (half the input size with ``half_res``)."""
+        return self.flow(self.unet(torch.cat([moving, fixed], dim=1)))
+
+    def displacement(self, velocity: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        """Integrate a velocity field and resize it to ``size`` (voxels of that grid)."""
+        flow = self.integrate(velocity)
+        factor = size[0] / flow.shape[2]
+        return ResizeTransform(factor)(flow, size) if flow.shape[2:] != tuple(size) else flow
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        velocity = self.velocity(moving, fixed)
+        flow = self.displacement(velocity, tuple(fixed.shape[2:]))
+        return self.transformer(moving, flow), flow, velocity

@@ -1,0 +1,207 @@
+"""The registration pipeline: affine, working grid, network, refinement, one displacement field, metrics."""
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import images, metrics
+from .devices import pick_device
+from .errors import InputError
+from .models import load_model, resolve_model, versions
+from .preprocess import affine_align, foreground_mask, normalise
+from .refine import displacement_from_velocity, downsample, refine
+
+WORKING_SPACING_MM = 1.0
+NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
+COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
+
+
+@dataclass
+class RegistrationResult:
+    """Everything ``register`` produces; images are on the fixed image's grid."""
+
+    warped: sitk.Image
+    displacement: sitk.Image  # vector float64, LPS mm: fixed point x maps to x + u(x) in the moving image
+    jacobian: sitk.Image
+    warped_labels: sitk.Image | None
+    report: dict = field(default_factory=dict)
+
+
+class _Clock:
+    """Seconds per stage, and progress reporting."""
+
+    def __init__(self, progress: Callable[[str, float], None] | None) -> None:
+        self.progress = progress or (lambda stage, fraction: None)
+        self.seconds: dict[str, float] = {}
+        self.stage, self.start = "", time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        self.stop()
+        self.stage, self.start = stage, time.perf_counter()
+        self.progress(stage, 0.0)
+
+    def stop(self) -> None:
+        if self.stage:
+            self.seconds[self.stage] = round(time.perf_counter() - self.start, 3)
+            self.progress(self.stage, 1.0)
+        self.stage = ""
+
+
+def _label_names(ids: list[int], names: dict[int, str] | None) -> dict[int, str]:
+    names = names or {}
+    return {i: names.get(i, f"label {i}") for i in ids}
+
+
+def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image | None = None,
+             moving_labels: sitk.Image | None = None, label_names: dict[int, str] | None = None,
+             model: str | None = "bundled", device: str = "auto", refine_steps: int = 0, affine: bool = True,
+             progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
+
+    The result lives on the fixed image's grid. ``progress(stage, fraction)`` is called often; it may
+    raise ``errors.Cancelled`` to stop. Bad input raises ``errors.InputError``.
+    """
+    clock = _Clock(progress)
+    clock("check")
+    images.check_image(fixed, "fixed image")
+    images.check_image(moving, "moving image")
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("give both fixed and moving labels, or neither")
+    ids: list[int] = []
+    if fixed_labels is not None:
+        fixed_labels = images.check_labels(fixed_labels, fixed, "fixed labels")
+        moving_labels = images.check_labels(moving_labels, moving, "moving labels")
+        fixed_ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
+        moving_ids = metrics.label_ids(sitk.GetArrayViewFromImage(moving_labels))
+        ids = sorted(set(fixed_ids) & set(moving_ids))
+        if not ids:
+            raise InputError("fixed and moving label maps share no label")
+    model_path = resolve_model(model)
+    net, record = load_model(model_path) if model_path is not None else (None, {})
+    torch_device = pick_device(device)
+
+    clock("affine")
+    transform = affine_align(fixed, moving, clock.progress) if affine else sitk.AffineTransform(3)
+
+    clock("resample")
+    spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
+    factor = round(spacing / WORKING_SPACING_MM)
+    grid = images.working_grid(fixed, foreground_mask(fixed), WORKING_SPACING_MM, 16 * factor)
+    fixed_w = sitk.Resample(fixed, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    moving_w = sitk.Resample(moving, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    f = torch.from_numpy(normalise(sitk.GetArrayFromImage(fixed_w)))[None, None]
+    m = torch.from_numpy(normalise(sitk.GetArrayFromImage(moving_w)))[None, None]
+
+    try:
+        flow, used = _deform(net, record, f, m, factor, refine_steps, torch_device, clock)
+    except torch.cuda.OutOfMemoryError:
+        warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
+        torch.cuda.empty_cache()
+        flow, used = _deform(net, record, f, m, factor, refine_steps, torch.device("cpu"), clock)
+
+    clock("compose")
+    displacement = compose(flow, grid, transform, fixed)
+
+    clock("warp")
+    warped = sitk.Resample(moving, fixed, _field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped_labels = None
+    if moving_labels is not None:
+        warped_labels = sitk.Resample(moving_labels, fixed, _field_transform(displacement),
+                                      sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+
+    clock("metrics")
+    vectors = sitk.GetArrayViewFromImage(displacement)
+    det = metrics.jacobian_determinant(vectors, images.index_to_physical(fixed)[:3, :3])
+    jacobian = sitk.GetImageFromArray(det)
+    jacobian.CopyInformation(fixed)
+    mask = (sitk.GetArrayViewFromImage(fixed_labels) > 0) if fixed_labels is not None else foreground_mask(fixed)
+    report = {
+        "device": str(used), "model": record.get("name", "none"), "model_sha256": record.get("sha256"),
+        "refine_steps": refine_steps, "affine": affine,
+        "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
+        "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
+                         "origin_lps": list(grid.GetOrigin())},
+        "folding_percent": metrics.folding_percent(det, mask),
+        "std_log_jacobian": metrics.std_log_jacobian(det, mask),
+        "versions": versions(),
+    }
+    if fixed_labels is not None:
+        report.update(_dice_report(fixed_labels, moving_labels, warped_labels, fixed, moving, transform, ids,
+                                   label_names))
+    clock.stop()
+    report["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 3)}
+    return RegistrationResult(warped, displacement, jacobian, warped_labels, report)
+
+
+def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refine_steps: int,
+            device: torch.device, clock: _Clock) -> tuple[np.ndarray, torch.device]:
+    """Network prediction and optional refinement; displacement (3, D, H, W) in working-grid voxels.
+
+    The network sees the images downsampled by ``factor`` (its training spacing); refinement works
+    at the same image level, on a velocity grid twice coarser (where a half-resolution network puts it).
+    """
+    size = tuple(fixed.shape[2:])
+    fixed_small = downsample(fixed.to(device), factor)
+    moving_small = downsample(moving.to(device), factor)
+    int_steps = record.get("config", {}).get("int_steps", 7)
+    clock("network")
+    with torch.no_grad():
+        if net is not None:
+            velocity = net.to(device).velocity(moving_small, fixed_small)
+        else:
+            coarse = [n // COARSE_VELOCITY for n in fixed_small.shape[2:]]
+            velocity = torch.zeros(1, 3, *coarse, device=device)
+    if refine_steps > 0:
+        clock("refine")
+        velocity = refine(velocity, moving_small, fixed_small, refine_steps, int_steps=int_steps,
+                          progress=clock.progress)
+    with torch.no_grad():
+        flow = displacement_from_velocity(velocity, size, int_steps)
+    return flow[0].cpu().numpy(), device
+
+
+def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed: sitk.Image) -> sitk.Image:
+    """One displacement field on the fixed grid (LPS mm): x -> A(x + u_def(x)), minus x.
+
+    ``flow`` is the deformable part in voxels of ``grid`` (channels dk, dj, di); outside the working
+    grid the deformable part is zero and only the affine part remains.
+    """
+    deformable = images.displacement_image(images.voxel_flow_to_physical(flow, grid), grid)
+    on_fixed = sitk.Resample(deformable, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+    matrix = images.affine_matrix(transform)
+    # A (x + d) + b - x  =  A d + (A - I) x + b, with x the fixed grid's voxel centres
+    total = sitk.GetArrayViewFromImage(on_fixed) @ matrix[:3, :3].T
+    total += images.affine_field(matrix - np.eye(4), fixed)
+    return images.displacement_image(total, fixed)
+
+
+def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """A DisplacementFieldTransform over a copy (the transform takes over the image's buffer)."""
+    return sitk.DisplacementFieldTransform(sitk.Image(displacement))
+
+
+def _dice_report(fixed_labels: sitk.Image, moving_labels: sitk.Image, warped_labels: sitk.Image,
+                 fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, ids: list[int],
+                 names: dict[int, str] | None) -> dict:
+    """Per-label Dice before (moving labels on the fixed grid, identity) and after registration."""
+    fixed_array = sitk.GetArrayFromImage(fixed_labels)
+    before = sitk.Resample(moving_labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+    dice_before = metrics.dice(fixed_array, sitk.GetArrayFromImage(before), ids)
+    dice_after = metrics.dice(fixed_array, sitk.GetArrayFromImage(warped_labels), ids)
+    voxel_mm3 = float(np.prod(fixed.GetSpacing()))
+    counts = np.bincount(fixed_array.ravel().clip(0), minlength=max(ids) + 1)
+    named = _label_names(ids, names)
+    rows = [{"label": i, "name": named[i], "dice_before": round(dice_before[i], 4),
+             "dice_after": round(dice_after[i], 4), "fixed_volume_mm3": round(float(counts[i]) * voxel_mm3, 1)}
+            for i in ids]
+    fixed_only = sorted(set(metrics.label_ids(fixed_array)) - set(ids))
+    moving_only = sorted(set(metrics.label_ids(sitk.GetArrayViewFromImage(moving_labels))) - set(ids))
+    return {"labels": rows,
+            "mean_dice_before": round(float(np.nanmean([r["dice_before"] for r in rows])), 4),
+            "mean_dice_after": round(float(np.nanmean([r["dice_after"] for r in rows])), 4),
+            "labels_only_in_fixed": fixed_only, "labels_only_in_moving": moving_only}

@@ -1,0 +1,368 @@
+"""Training: scan-to-scan or atlas VoxelMorph with optional label supervision, resumable."""
+
+import csv
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from . import losses, metrics
+from .errors import Cancelled, InputError
+from .images import check_image, read_image, same_grid
+from .layers import ResizeTransform, SpatialTransformer
+from .models import save_model, versions
+from .networks import VxmDense
+from .preprocess import normalise
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (recorded in checkpoints and the model card)."""
+
+    images: list[str]
+    labels: list[str] | None = None
+    val_images: list[str] = field(default_factory=list)
+    val_labels: list[str] | None = None
+    atlas: str | None = None
+    atlas_labels: str | None = None
+    mode: str = "scan"  # "scan": any subject to any subject (+ atlas pairs), "atlas": all to the atlas
+    atlas_fraction: float = 0.3
+    iterations: int = 1000
+    lr: float = 1e-4
+    smooth_weight: float = 1.0
+    dice_weight: float = 1.0
+    dice_labels_per_iteration: int = 16
+    ncc_window: int = 9
+    spacing_mm: float = 2.0
+    features: str = "vm2"
+    half_res: bool = True
+    int_steps: int = 7
+    augment: bool = True
+    seed: int = 0
+    val_every: int = 250
+    checkpoint_every: int = 250
+
+
+@dataclass
+class Subject:
+    """One decoded training subject, cached in memory at the training resolution."""
+
+    name: str
+    image: torch.Tensor  # (1, 1, D, H, W) float32 in [0, 1], at the training spacing
+    soft_labels: torch.Tensor | None  # (1, L, D, H, W) uint8, 255 x fraction of each label
+    labels: np.ndarray | None  # full-resolution label map, for validation Dice
+
+
+def _factor(image: sitk.Image, spacing_mm: float) -> int:
+    spacing = np.array(image.GetSpacing())
+    factor = spacing_mm / spacing
+    if not np.allclose(factor, np.round(factor[0]), atol=1e-3) or round(factor[0]) < 1:
+        raise InputError(f"training spacing {spacing_mm} mm must be a whole multiple of the image spacing "
+                         f"{tuple(spacing)}")
+    return round(factor[0])
+
+
+def load_subject(image_path: str, label_path: str | None, label_set: list[int], spacing_mm: float,
+                 reference: sitk.Image | None) -> Subject:
+    """Read, check, normalise and downsample one subject (images must share one aligned grid)."""
+    image = read_image(image_path, "training image")
+    if reference is not None and not same_grid(image, reference):
+        raise InputError(f"{image_path} is not on the grid of the other training images: training expects "
+                         "images already affinely aligned and resampled to one grid")
+    factor = _factor(image, spacing_mm)
+    array = torch.from_numpy(normalise(sitk.GetArrayFromImage(image)))[None, None]
+    small = F.avg_pool3d(array, factor) if factor > 1 else array
+    _check_multiple(small.shape[2:], image_path)
+    labels = soft = None
+    if label_path is not None:
+        label_image = read_image(label_path, "training labels")
+        if not same_grid(label_image, image):
+            raise InputError(f"{label_path} is on another grid than {image_path}")
+        labels = sitk.GetArrayFromImage(label_image).astype(np.int16)
+        onehot = torch.stack([torch.from_numpy(labels == i) for i in label_set]).float()[None]
+        soft = F.avg_pool3d(onehot, factor) if factor > 1 else onehot
+        soft = (soft * 255).round().to(torch.uint8)
+    return Subject(Path(image_path).name.split(".")[0], small.contiguous(), soft, labels)
+
+
+def _check_multiple(shape: tuple[int, ...], path: str) -> None:
+    if any(n % 16 for n in shape):
+        raise InputError(f"{path}: size at the training spacing {tuple(shape)} must be a multiple of 16")
+
+
+def random_affine(rng: np.random.Generator, rotation_deg: float = 4.0, scale: float = 0.04,
+                  shift: float = 0.03) -> torch.Tensor:
+    """Small random affine in normalised coordinates, shape (1, 3, 4), for F.affine_grid."""
+    angles = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, 3))
+    rotation = np.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = math.cos(angle), math.sin(angle)
+        a, b = [i for i in range(3) if i != axis]
+        r = np.eye(3)
+        r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+        rotation = rotation @ r
+    matrix = rotation @ np.diag(1 + rng.uniform(-scale, scale, 3))
+    theta = np.concatenate([matrix, rng.uniform(-shift, shift, (3, 1))], axis=1)
+    return torch.tensor(theta, dtype=torch.float32)[None]
+
+
+def augment_pair(moving: torch.Tensor, fixed: torch.Tensor, moving_soft: torch.Tensor | None,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random small affine on the moving side; random gamma and noise on both intensities."""
+    grid = F.affine_grid(random_affine(rng), list(moving.shape), align_corners=True)
+    moving = F.grid_sample(moving, grid, align_corners=True, padding_mode="border")
+    if moving_soft is not None:
+        moving_soft = F.grid_sample(moving_soft, grid, align_corners=True)
+    out = []
+    for image in (moving, fixed):
+        image = image.clamp(0, 1) ** float(np.exp(rng.uniform(-0.2, 0.2)))
+        noise = torch.from_numpy(rng.normal(0, 0.01, image.shape).astype(np.float32))
+        out.append((image + noise).clamp(0, 1))
+    return out[0], out[1], moving_soft
+
+
+class Trainer:
+    """Holds data, network and optimiser; ``run`` trains with validation and checkpoints."""
+
+    def __init__(self, config: TrainConfig, out: Path, device: torch.device,
+                 progress: Callable[[str, float], None] | None = None) -> None:
+        self.config, self.out, self.device = config, Path(out), device
+        self.progress = progress or (lambda stage, fraction: None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._load_data()
+        torch.manual_seed(config.seed)
+        self.net = VxmDense(config.features, config.half_res, config.int_steps).to(device)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        self.iteration = 0
+        self.seconds = 0.0  # training wall time over all chunks
+        self.history: list[dict] = []
+        self.transformer = SpatialTransformer()
+
+    def _load_data(self) -> None:
+        c = self.config
+        if not c.images:
+            raise InputError("no training images given")
+        if c.mode not in ("scan", "atlas"):
+            raise InputError(f"mode must be 'scan' or 'atlas', not {c.mode!r}")
+        if c.mode == "atlas" and c.atlas is None:
+            raise InputError("atlas mode needs --atlas")
+        for given, images, what in ((c.labels, c.images, "training"), (c.val_labels, c.val_images, "validation")):
+            if given is not None and len(given) != len(images):
+                raise InputError(f"{len(images)} {what} images but {len(given)} label maps")
+        all_labels = (c.labels or []) + (c.val_labels or []) + ([c.atlas_labels] if c.atlas_labels else [])
+        self.label_set: list[int] = []
+        for path in all_labels:
+            self.label_set = sorted(set(self.label_set) | set(metrics.label_ids(
+                sitk.GetArrayFromImage(read_image(path, "labels")))))
+        reference = check_image(read_image(c.images[0], "training image"))
+        self.progress("decoding", 0.0)
+
+        def load(paths: list[str], label_paths: list[str] | None) -> list[Subject]:
+            subjects = []
+            for n, path in enumerate(paths):
+                label = label_paths[n] if label_paths else None
+                subjects.append(load_subject(path, label, self.label_set, c.spacing_mm, reference))
+            return subjects
+
+        self.train_subjects = load(c.images, c.labels)
+        self.val_subjects = load(c.val_images, c.val_labels)
+        self.atlas = load([c.atlas], [c.atlas_labels] if c.atlas_labels else None)[0] if c.atlas else None
+
+    def sample(self, iteration: int) -> tuple[torch.Tensor, ...]:
+        """The training pair of an iteration, reproducible from (seed, iteration)."""
+        c = self.config
+        rng = np.random.default_rng([c.seed, iteration])
+        pool = self.train_subjects
+        moving = pool[rng.integers(len(pool))]
+        if self.atlas is not None and (c.mode == "atlas" or rng.random() < c.atlas_fraction):
+            fixed = self.atlas
+        else:
+            others = [s for s in pool if s is not moving] or pool
+            fixed = others[rng.integers(len(others))]
+        use_labels = c.dice_weight > 0 and moving.soft_labels is not None and fixed.soft_labels is not None
+        chosen = None
+        if use_labels:
+            n = min(c.dice_labels_per_iteration, len(self.label_set))
+            chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)))
+        m_soft = moving.soft_labels[:, chosen].float() / 255 if use_labels else None
+        f_soft = fixed.soft_labels[:, chosen].float() / 255 if use_labels else None
+        m_image, f_image = moving.image, fixed.image
+        if c.augment:
+            m_image, f_image, m_soft = augment_pair(m_image, f_image, m_soft, rng)
+        return m_image, f_image, m_soft, f_soft
+
+    def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
+        """One optimisation step; returns the loss terms."""
+        c = self.config
+        moving, fixed, m_soft, f_soft = (t.to(self.device) if t is not None else None for t in batch)
+        amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            warped, flow, velocity = self.net(moving, fixed)
+        similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
+        smooth = losses.grad(velocity.float())
+        loss = similarity + c.smooth_weight * smooth
+        terms = {"ncc": similarity.item(), "smooth": smooth.item()}
+        if m_soft is not None:
+            overlap = losses.dice(f_soft, self.transformer(m_soft, flow.float()))
+            loss = loss + c.dice_weight * overlap
+            terms["dice"] = -overlap.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        terms["loss"] = loss.item()
+        return terms
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean Dice and % folding on validation pairs (each to the atlas, else to the next subject),
+        measured at full resolution on the hard label maps."""
+        self.net.eval()
+        subjects = self.val_subjects
+        pairs = [(s, self.atlas) for s in subjects] if self.atlas is not None else list(
+            zip(subjects, subjects[1:] + subjects[:1], strict=True))
+        dices, folds = [], []
+        for moving, fixed in pairs:
+            if moving.labels is None or fixed.labels is None:
+                continue
+            _, flow, _ = self.net(moving.image.to(self.device), fixed.image.to(self.device))
+            size = fixed.labels.shape
+            full = ResizeTransform(size[0] / flow.shape[2])(flow, size)
+            labels = torch.from_numpy(moving.labels.astype(np.float32))[None, None].to(self.device)
+            warped = SpatialTransformer("nearest")(labels, full)[0, 0].cpu().numpy().astype(np.int16)
+            ids = metrics.label_ids(fixed.labels)
+            dices.append(np.nanmean(list(metrics.dice(fixed.labels, warped, ids).values())))
+            vectors = np.moveaxis(full[0].cpu().numpy()[::-1], 0, -1)  # (K, J, I, 3) voxels (i, j, k)
+            det = metrics.jacobian_determinant(vectors, np.eye(3))
+            folds.append(metrics.folding_percent(det, fixed.labels > 0))
+        self.net.train()
+        if not dices:
+            return {}
+        return {"val_dice": float(np.mean(dices)), "val_folding_percent": float(np.mean(folds))}
+
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        """Resumable state: weights, optimiser, iteration, history, config."""
+        state = {"config": asdict(self.config), "iteration": self.iteration, "seconds": self.seconds,
+                 "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "history": self.history}
+        tmp = self.out / ".checkpoint.pt.partial"
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint_path())
+
+    def resume(self) -> None:
+        """Continue from ``out/checkpoint.pt`` (weights, optimiser, iteration, history)."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            raise InputError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration, self.history = state["iteration"], state["history"]
+        self.seconds = state["seconds"]
+
+    def export_model(self, hardware: str) -> Path:
+        """Write ``out/model.pt``: a self-describing model file with the training record."""
+        c = self.config
+        validations = [h for h in self.history if "val_dice" in h]
+        record = {
+            "name": self.out.name,
+            "training": {"config": asdict(c), "iterations": self.iteration, "seconds": round(self.seconds),
+                         "hardware": hardware, "label_set": self.label_set,
+                         "train_subjects": [s.name for s in self.train_subjects],
+                         "val_subjects": [s.name for s in self.val_subjects],
+                         "atlas": self.atlas.name if self.atlas else None},
+            "validation": validations[-1] if validations else {},
+        }
+        path = self.out / "model.pt"
+        save_model(path, self.net.cpu(), c.spacing_mm, record)
+        self.net.to(self.device)
+        return path
+
+    def run(self, iterations: int | None = None) -> None:
+        """Train up to ``config.iterations`` (or ``iterations`` more), validating and checkpointing."""
+        c = self.config
+        stop = c.iterations if iterations is None else self.iteration + iterations
+        log_path = self.out / "log.csv"
+        batches: queue.Queue = queue.Queue(maxsize=2)
+
+        def producer(start: int) -> None:
+            for it in range(start, stop):
+                batches.put(self.sample(it))
+
+        threading.Thread(target=producer, args=(self.iteration,), daemon=True).start()
+        self.net.train()
+        while self.iteration < stop:
+            batch = batches.get()
+            tick = time.time()
+            terms = self.step(batch)
+            self.seconds += time.time() - tick
+            self.iteration += 1
+            row = {"iteration": self.iteration, "seconds": round(self.seconds, 2), **terms}
+            if self.iteration % c.val_every == 0 or self.iteration == stop:
+                row.update(self.validate())
+            self.history.append(row)
+            _append_csv(log_path, row)
+            if self.iteration % c.checkpoint_every == 0 or self.iteration == stop:
+                self.save_checkpoint()
+                plot_history(self.history, self.out / "learning_curves.png")
+            try:
+                self.progress("training", self.iteration / stop)
+            except Cancelled:
+                self.save_checkpoint()
+                raise
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    columns = ["iteration", "seconds", "loss", "ncc", "smooth", "dice", "val_dice", "val_folding_percent"]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Learning curves (training loss terms smoothed, validation Dice) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = np.array([h["iteration"] for h in history])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for key in ("ncc", "dice"):
+        values = np.array([h.get(key, np.nan) for h in history], dtype=float)
+        if np.isfinite(values).any():
+            k = max(1, len(values) // 50)
+            smooth = np.convolve(np.nan_to_num(values), np.ones(k) / k, mode="valid")
+            axes[0].plot(it[k - 1:], np.abs(smooth), label=f"|{key}| (train, running mean)")
+    axes[0].set_xlabel("iteration")
+    axes[0].legend()
+    val = [(h["iteration"], h["val_dice"]) for h in history if "val_dice" in h]
+    if val:
+        axes[1].plot(*zip(*val, strict=True), "o-")
+    axes[1].set_xlabel("iteration")
+    axes[1].set_ylabel("validation mean Dice")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def hardware_description(device: torch.device) -> str:
+    """Device and thread count, for the model card."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+__all__ = ["TrainConfig", "Trainer", "hardware_description", "versions"]
