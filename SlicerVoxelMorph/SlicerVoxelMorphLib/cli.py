@@ -101,19 +101,21 @@ def run_register(args: argparse.Namespace) -> None:
     moving_labels = read_image(args.moving_labels, "moving labels") if args.moving_labels else None
     prepare_output(out, args.overwrite)
     refine_steps = args.refine if args.refine is not None else (0 if args.model != "none" else 100)
-    bar = _progress_bar(args.quiet, total=100, bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}")
+    bar = _progress_bar(args.quiet, total=100, leave=False, bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}")
 
     def progress(stage: str, fraction: float) -> None:
         bar.set_description_str(stage)
         bar.n = round(100 * fraction)
         bar.refresh()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, label_names=names,
-                          model=args.model, device=args.device, refine_steps=refine_steps,
-                          affine=not args.no_affine, progress=progress)
-    bar.close()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                              label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
+                              affine=not args.no_affine, progress=progress)
+    finally:
+        bar.close()
     write_image(result.warped, out / "warped.nii.gz")
     write_image(result.displacement, out / "displacement.nii.gz")
     write_image(result.jacobian, out / "jacobian.nii.gz")

@@ -14,7 +14,10 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read a 3D scalar image that SimpleITK can read; raise InputError naming the problem."""
+    """Read an image file that SimpleITK can read; raise InputError naming the problem.
+
+    Content is checked where it is used (``check_image``, ``check_labels``).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
@@ -23,7 +26,7 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise InputError(f"cannot read {what} {path}: {first}") from None
-    return check_image(image, f"{what} {path.name}")
+    return image
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:

@@ -73,7 +73,7 @@ def _factor(image: sitk.Image, spacing_mm: float) -> int:
 def load_subject(image_path: str, label_path: str | None, label_set: list[int], spacing_mm: float,
                  reference: sitk.Image | None) -> Subject:
     """Read, check, normalise and downsample one subject (images must share one aligned grid)."""
-    image = read_image(image_path, "training image")
+    image = check_image(read_image(image_path, "training image"), f"training image {image_path}")
     if reference is not None and not same_grid(image, reference):
         raise InputError(f"{image_path} is not on the grid of the other training images: training expects "
                          "images already affinely aligned and resampled to one grid")

@@ -1,0 +1,131 @@
+"""Bad input: a one-line error naming the problem, exit status 2, no traceback, inputs untouched."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import to_image
+from SlicerVoxelMorphLib.cli import main
+
+
+def _run(capsys, args: list[str]) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _write(path, image: sitk.Image):
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+def _digest(paths) -> list[str]:
+    return [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths]
+
+
+@pytest.fixture
+def files(pair):
+    paths, _ = pair
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _expect_error(capsys, args, *words):
+    code, err = _run(capsys, args)
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err
+    err = errors[0]
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_2d_and_4d_images_are_rejected(files, tmp_path, capsys):
+    flat = _write(tmp_path / "flat.nii.gz", sitk.GetImageFromArray(np.random.rand(20, 20).astype(np.float32)))
+    _expect_error(capsys, ["register", "--fixed", flat, "--moving", files["moving"], "--out", str(tmp_path / "o")],
+                  "2D", "3D image is required")
+    four = sitk.JoinSeries([sitk.ReadImage(files["fixed"])] * 2)
+    path4 = _write(tmp_path / "four.nii.gz", four)
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", path4, "--out", str(tmp_path / "o")],
+                  "4D")
+
+
+def test_nan_and_constant_images_are_rejected(files, tmp_path, capsys):
+    array = sitk.GetArrayFromImage(sitk.ReadImage(files["fixed"])).astype(np.float32)
+    array[3, 4, 5] = np.nan
+    nan = _write(tmp_path / "nan.mha", to_image(array))  # NIfTI I/O drops NaN in ITK
+    _expect_error(capsys, ["register", "--fixed", nan, "--moving", files["moving"], "--out", str(tmp_path / "o")],
+                  "NaN")
+    flat = _write(tmp_path / "const.nii.gz", to_image(np.full((10, 10, 10), 7.0, np.float32)))
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", flat, "--out", str(tmp_path / "o")],
+                  "constant")
+
+
+def test_label_problems_are_named(files, tmp_path, capsys):
+    base = ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none"]
+    small = _write(tmp_path / "small.nii.gz", to_image(np.ones((8, 8, 8), np.int16)))
+    _expect_error(capsys, [*base, "--fixed-labels", small, "--moving-labels", files["moving_labels"],
+                           "--out", str(tmp_path / "o")], "another grid")
+    moved = sitk.GetArrayFromImage(sitk.ReadImage(files["moving_labels"])) + 10
+    moved[moved == 10] = 0
+    reference = sitk.ReadImage(files["moving_labels"])
+    other = to_image(moved.astype(np.int16), reference.GetSpacing(), reference.GetOrigin())
+    other_path = _write(tmp_path / "other.nii.gz", other)
+    _expect_error(capsys, [*base, "--fixed-labels", files["fixed_labels"], "--moving-labels", other_path,
+                           "--out", str(tmp_path / "o")], "share no label")
+    empty = to_image(np.zeros(moved.shape, np.int16), reference.GetSpacing(), reference.GetOrigin())
+    empty_path = _write(tmp_path / "empty.nii.gz", empty)
+    _expect_error(capsys, [*base, "--fixed-labels", files["fixed_labels"], "--moving-labels", empty_path,
+                           "--out", str(tmp_path / "o")], "empty")
+
+
+def test_unreadable_and_missing_files(files, tmp_path, capsys):
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not an image at all")
+    _expect_error(capsys, ["register", "--fixed", str(junk), "--moving", files["moving"],
+                           "--out", str(tmp_path / "o")], "cannot read", "junk.nii.gz")
+    _expect_error(capsys, ["register", "--fixed", str(tmp_path / "nope.nii"), "--moving", files["moving"],
+                           "--out", str(tmp_path / "o")], "not found")
+
+
+def test_model_files_of_the_wrong_kind(files, tmp_path, capsys):
+    text = tmp_path / "model.txt"
+    text.write_text("hello")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path in (text, foreign, tmp_path / "missing.pt"):
+        _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model",
+                               str(path), "--out", str(tmp_path / "o")], str(path.name))
+
+
+def test_output_folder_must_be_empty_unless_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    args = ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none", "--refine", "1",
+            "--quiet", "--out", str(out)]
+    _expect_error(capsys, args, "not empty", "--overwrite")
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "keep.txt").read_text() == "user data"
+    assert not list(out.glob(".*partial*"))
+
+
+def test_inputs_unchanged_by_cli_runs_and_errors(files, tmp_path, capsys):
+    inputs = [files[k] for k in ("fixed", "moving", "fixed_labels", "moving_labels")]
+    before = _digest(inputs)
+    main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed-labels",
+          files["fixed_labels"], "--moving-labels", files["moving_labels"], "--model", "none", "--refine", "2",
+          "--quiet", "--out", str(tmp_path / "o")])
+    main(["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out", str(tmp_path / "o")])
+    capsys.readouterr()
+    assert _digest(inputs) == before
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(files, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none",
+                           "--device", "cuda", "--out", str(tmp_path / "o")], "cuda")

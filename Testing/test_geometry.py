@@ -1,0 +1,103 @@
+"""Geometry: IJK/RAS/LPS conversions against nibabel, Jacobians against known affine maps."""
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from SlicerVoxelMorphLib import images, metrics
+
+ROTATED = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+
+
+def test_ijk_to_ras_matches_nibabel_affine(tmp_path):
+    image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32))
+    image.SetSpacing((0.7, 1.2, 2.5))
+    image.SetOrigin((3.0, -4.0, 5.0))
+    image.SetDirection(ROTATED.flatten().tolist())
+    path = tmp_path / "x.nii.gz"
+    sitk.WriteImage(image, str(path))
+    np.testing.assert_allclose(images.ijk_to_ras(image), nib.load(path).affine, atol=1e-5)
+
+
+def test_image_from_array_round_trip_keeps_geometry_and_voxels():
+    rng = np.random.default_rng(0)
+    array = rng.random((4, 5, 6)).astype(np.float32)
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = ROTATED @ np.diag([0.7, 1.2, 2.5])
+    ijk_to_ras[:3, 3] = [1.0, 2.0, 3.0]
+    image = images.image_from_array(array, ijk_to_ras)
+    np.testing.assert_allclose(images.ijk_to_ras(image), ijk_to_ras, atol=1e-12)
+    np.testing.assert_array_equal(images.array_kji(image), array)
+    # a voxel's RAS point from Slicer's matrix is the LPS point of SimpleITK with x, y negated
+    lps = np.array(image.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, 3.0)))
+    ras = ijk_to_ras @ [1.0, 2.0, 3.0, 1.0]
+    np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-12)
+
+
+def test_physical_points_match_simpleitk():
+    image = sitk.Image([5, 4, 3], sitk.sitkFloat32)
+    image.SetSpacing((0.5, 2.0, 1.5))
+    image.SetOrigin((1.0, -2.0, 7.0))
+    image.SetDirection(ROTATED.flatten().tolist())
+    points = images.physical_points(image)
+    for k, j, i in [(0, 0, 0), (2, 3, 4), (1, 2, 0)]:
+        np.testing.assert_allclose(points[k, j, i], image.TransformIndexToPhysicalPoint((i, j, k)), atol=1e-12)
+
+
+def test_voxel_flow_to_physical_uses_direction_and_spacing():
+    image = sitk.Image([3, 3, 3], sitk.sitkFloat32)
+    image.SetSpacing((2.0, 3.0, 4.0))
+    image.SetDirection(ROTATED.flatten().tolist())
+    flow = np.zeros((3, 3, 3, 3))
+    flow[2] = 1.0  # one voxel along i (channels are dk, dj, di)
+    expected = ROTATED @ [2.0, 0.0, 0.0]
+    np.testing.assert_allclose(images.voxel_flow_to_physical(flow, image)[1, 1, 1], expected)
+
+
+def test_jacobian_of_affine_field_is_its_determinant():
+    a = np.array([[1.1, 0.2, 0.0], [-0.1, 0.9, 0.05], [0.0, 0.1, 1.2]])
+    image = sitk.Image([9, 8, 7], sitk.sitkFloat32)
+    image.SetSpacing((1.5, 0.8, 2.0))
+    image.SetDirection(ROTATED.flatten().tolist())
+    image.SetOrigin((4.0, 5.0, -6.0))
+    x = images.physical_points(image)
+    u = x @ (a - np.eye(3)).T + [1.0, -2.0, 0.5]
+    det = metrics.jacobian_determinant(u, images.index_to_physical(image)[:3, :3])
+    np.testing.assert_allclose(det, np.linalg.det(a), rtol=1e-5)
+
+
+def test_affine_field_equals_matrix_on_points():
+    image = sitk.Image([4, 3, 5], sitk.sitkFloat32)
+    image.SetSpacing((1.0, 2.0, 0.5))
+    image.SetDirection(ROTATED.flatten().tolist())
+    m = np.eye(4)
+    m[:3] = [[1.0, 0.1, 0.0, 3.0], [0.0, 1.1, 0.2, -1.0], [0.3, 0.0, 0.9, 2.0]]
+    expected = images.physical_points(image) @ m[:3, :3].T + m[:3, 3]
+    np.testing.assert_allclose(images.affine_field(m, image), expected, atol=1e-12)
+
+
+def test_affine_matrix_maps_points_like_simpleitk():
+    t = sitk.AffineTransform(3)
+    t.SetMatrix([1.1, 0.1, 0.0, 0.0, 0.9, 0.2, 0.1, 0.0, 1.0])
+    t.SetCenter((5.0, -3.0, 2.0))
+    t.SetTranslation((1.0, 2.0, -1.0))
+    m = images.affine_matrix(t)
+    for p in [(0.0, 0.0, 0.0), (10.0, -4.0, 7.5)]:
+        np.testing.assert_allclose(m[:3, :3] @ p + m[:3, 3], t.TransformPoint(p), atol=1e-12)
+
+
+def test_dice_hand_values():
+    a = np.array([0, 1, 1, 2, 2, 2, 3])
+    b = np.array([0, 1, 2, 2, 2, 0, 0])
+    d = metrics.dice(a, b, [1, 2, 3, 4])
+    assert d[1] == 2 * 1 / 3
+    assert d[2] == 2 * 2 / 6
+    assert d[3] == 0.0
+    assert np.isnan(d[4])
+
+
+def test_folding_and_log_jacobian_statistics():
+    det = np.array([1.0, -0.5, 2.0, 0.0])
+    mask = np.array([True, True, True, False])
+    assert metrics.folding_percent(det, mask) == 100 / 3
+    assert abs(metrics.std_log_jacobian(np.array([1.0, np.e]), np.array([True, True])) - 0.5) < 1e-9

@@ -1,0 +1,51 @@
+"""Losses against hand-computed values."""
+
+import numpy as np
+import torch
+
+from SlicerVoxelMorphLib import losses
+
+
+def _local_ncc_numpy(a: np.ndarray, b: np.ndarray, window: int, centre: tuple[int, int, int]) -> float:
+    """Squared NCC over the window around ``centre`` (zero padding counts as samples), by hand."""
+    h = window // 2
+    pa, pb = np.pad(a, h), np.pad(b, h)
+    sl = tuple(slice(c, c + window) for c in centre)
+    x, y = pa[sl].ravel(), pb[sl].ravel()
+    cross = (x * y).mean() - x.mean() * y.mean()
+    return cross**2 / (x.var() * y.var() + 1e-5)
+
+
+def test_ncc_matches_hand_computation_everywhere():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((11, 12, 10)), rng.random((11, 12, 10))
+    expected = np.mean([_local_ncc_numpy(a, b, 5, c) for c in np.ndindex(a.shape)])
+    got = losses.ncc(torch.tensor(a)[None, None], torch.tensor(b)[None, None], window=5)
+    assert abs(got.item() + expected) < 1e-4
+
+
+def test_ncc_of_image_with_itself_and_a_scaled_copy_is_minus_one():
+    rng = np.random.default_rng(1)
+    a = torch.tensor(rng.random((16, 16, 16)))[None, None]
+    # only eps (1e-5 against local variances ~0.08^2) keeps it from exactly -1
+    assert abs(losses.ncc(a, a, 9).item() + 1) < 3e-3
+    assert abs(losses.ncc(a, 3 * a, 9).item() + 1) < 3e-3
+
+
+def test_dice_hand_values():
+    a = torch.zeros(1, 2, 4, 4, 4)
+    b = torch.zeros(1, 2, 4, 4, 4)
+    a[0, 0, :2], b[0, 0, :1] = 1, 1  # 32 and 16 voxels, overlap 16: dice 2*16/48
+    a[0, 1], b[0, 1] = 1, 1  # identical: dice 1
+    assert abs(losses.dice(a, b).item() + (2 * 16 / 48 + 1) / 2) < 1e-6
+
+
+def test_grad_of_linear_ramp():
+    ramp = torch.arange(5.0).view(1, 1, 5, 1, 1).expand(1, 3, 5, 4, 3)
+    assert abs(losses.grad(ramp, "l2").item() - 1 / 3) < 1e-6  # d/dz = 1, others 0
+    assert abs(losses.grad(3 * ramp, "l1").item() - 1.0) < 1e-6
+    assert abs(losses.grad(3 * ramp, "l2").item() - 3.0) < 1e-6
+
+
+def test_mse():
+    assert losses.mse(torch.zeros(2, 2), torch.full((2, 2), 3.0)).item() == 9.0
