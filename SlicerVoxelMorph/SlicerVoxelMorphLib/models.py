@@ -19,7 +19,7 @@ BUNDLED = Path(__file__).parent / "bundled" / "lpba40.pt"
 
 def versions() -> dict[str, str]:
     """Library versions recorded in model files and reports."""
-    return {"slicer_voxelmorph": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    return {"slicer_voxelmorph": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
             "simpleitk": sitk.Version_VersionString(), "python": platform.python_version()}
 
 
