@@ -101,3 +101,17 @@ def test_folding_and_log_jacobian_statistics():
     mask = np.array([True, True, True, False])
     assert metrics.folding_percent(det, mask) == 100 / 3
     assert abs(metrics.std_log_jacobian(np.array([1.0, np.e]), np.array([True, True])) - 0.5) < 1e-9
+
+
+def test_downsampled_grid_centres_match_average_pooling():
+    image = sitk.Image([8, 6, 4], sitk.sitkFloat32)
+    image.SetSpacing((1.0, 0.5, 2.0))
+    image.SetOrigin((3.0, 1.0, -2.0))
+    image.SetDirection(ROTATED.flatten().tolist())
+    coarse = images.downsampled_grid(image, 2)
+    assert coarse.GetSize() == (4, 3, 2)
+    # coarse voxel (1, 2, 1) averages fine voxels 2..3, 4..5, 2..3: its centre is their mean
+    fine = [image.TransformContinuousIndexToPhysicalPoint((2.5, 4.5, 2.5))]
+    np.testing.assert_allclose(coarse.TransformIndexToPhysicalPoint((1, 2, 1)), fine[0], atol=1e-12)
+    np.testing.assert_allclose(images.index_in(coarse, image)[2, 4, 2], [(2 - 0.5) / 2, (4 - 0.5) / 2,
+                                                                        (2 - 0.5) / 2], atol=1e-12)

@@ -62,3 +62,17 @@ def test_resize_transform_scales_vectors_and_matches_centres():
     fine = ResizeTransform(2.0)(ramp)[0, 0, 1:-1, 0, 0] / 2
     expected = (torch.arange(1, 7.0) - 0.5) / 2
     torch.testing.assert_close(fine, expected)
+
+
+def test_sample_at_matches_scipy_inside_and_is_zero_outside():
+    from SlicerVoxelMorphLib.layers import sample_at
+
+    rng = np.random.default_rng(3)
+    volume = rng.random((2, 6, 7, 8)).astype(np.float32)  # (C, D, H, W)
+    index = rng.uniform(0, [7, 6, 5], (10, 3)).astype(np.float32)  # (i, j, k) inside
+    out = sample_at(torch.from_numpy(volume)[None], torch.from_numpy(index)).numpy()
+    for c in range(2):
+        expected = map_coordinates(volume[c], index[:, ::-1].T, order=1)
+        np.testing.assert_allclose(out[c], expected, atol=1e-5)
+    far = sample_at(torch.from_numpy(volume)[None], torch.tensor([[-5.0, 0.0, 0.0], [0.0, 0.0, 20.0]]))
+    assert (far == 0).all()

@@ -115,6 +115,21 @@ def affine_field(matrix: np.ndarray, image: sitk.Image) -> np.ndarray:
     return field
 
 
+def downsampled_grid(grid: sitk.Image, factor: int) -> sitk.Image:
+    """The grid that average pooling by ``factor`` makes of ``grid`` (same extent, centres moved)."""
+    size = [n // factor for n in grid.GetSize()]
+    coarse = sitk.Image(size, sitk.sitkFloat32)
+    coarse.SetSpacing([s * factor for s in grid.GetSpacing()])
+    coarse.SetDirection(grid.GetDirection())
+    coarse.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([(factor - 1) / 2] * 3))
+    return coarse
+
+
+def index_in(source: sitk.Image, target: sitk.Image) -> np.ndarray:
+    """Continuous index (i, j, k) in ``source`` of every voxel centre of ``target``, shape (K, J, I, 3)."""
+    return affine_field(np.linalg.inv(index_to_physical(source)), target)
+
+
 def physical_points(image: sitk.Image) -> np.ndarray:
     """LPS coordinates of every voxel centre, shape (K, J, I, 3)."""
     return affine_field(np.eye(4), image)

@@ -12,6 +12,7 @@ import torch
 from . import images, metrics
 from .devices import pick_device
 from .errors import InputError
+from .layers import sample_at
 from .models import load_model, resolve_model, versions
 from .preprocess import affine_align, foreground_mask, normalise
 from .refine import displacement_from_velocity, downsample, refine
@@ -105,7 +106,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         flow, used = _deform(net, record, f, m, factor, refine_steps, torch.device("cpu"), clock)
 
     clock("compose")
-    displacement = compose(flow, grid, transform, fixed)
+    displacement = compose(flow, images.downsampled_grid(grid, factor), transform, fixed)
 
     clock("warp")
     warped = sitk.Resample(moving, fixed, _field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
@@ -140,22 +141,22 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refine_steps: int,
             device: torch.device, clock: _Clock) -> tuple[np.ndarray, torch.device]:
-    """Network prediction and optional refinement; displacement (3, D, H, W) in working-grid voxels.
+    """Network prediction and optional refinement at the network's image level (the working grid
+    downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level.
 
-    The network sees the images downsampled by ``factor`` (its training spacing); refinement works
-    at the same image level, on a velocity grid twice coarser (where a half-resolution network puts it).
+    Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
+    where a half-resolution network puts its velocity.
     """
-    size = tuple(fixed.shape[2:])
     fixed_small = downsample(fixed.to(device), factor)
     moving_small = downsample(moving.to(device), factor)
+    size = tuple(fixed_small.shape[2:])
     int_steps = record.get("config", {}).get("int_steps", 7)
     clock("network")
     with torch.no_grad():
         if net is not None:
             velocity = net.to(device).velocity(moving_small, fixed_small)
         else:
-            coarse = [n // COARSE_VELOCITY for n in fixed_small.shape[2:]]
-            velocity = torch.zeros(1, 3, *coarse, device=device)
+            velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
     if refine_steps > 0:
         clock("refine")
         velocity = refine(velocity, moving_small, fixed_small, refine_steps, int_steps=int_steps,
@@ -166,16 +167,17 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
 
 
 def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed: sitk.Image) -> sitk.Image:
-    """One displacement field on the fixed grid (LPS mm): x -> A(x + u_def(x)), minus x.
+    """One displacement field on the fixed grid (LPS mm): x -> A(x + d(x)), minus x.
 
-    ``flow`` is the deformable part in voxels of ``grid`` (channels dk, dj, di); outside the working
-    grid the deformable part is zero and only the affine part remains.
+    ``flow`` is the deformable part d in voxels of ``grid`` (channels dk, dj, di), sampled
+    trilinearly at the fixed voxel centres; outside ``grid`` d is zero and only the affine part remains.
     """
-    deformable = images.displacement_image(images.voxel_flow_to_physical(flow, grid), grid)
-    on_fixed = sitk.Resample(deformable, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+    vectors = torch.from_numpy(images.voxel_flow_to_physical(flow, grid).astype(np.float32))
+    index = torch.from_numpy(images.index_in(grid, fixed).astype(np.float32))
+    deformable = sample_at(vectors.permute(3, 0, 1, 2)[None].contiguous(), index).permute(1, 2, 3, 0).numpy()
     matrix = images.affine_matrix(transform)
-    # A (x + d) + b - x  =  A d + (A - I) x + b, with x the fixed grid's voxel centres
-    total = sitk.GetArrayViewFromImage(on_fixed) @ matrix[:3, :3].T
+    # A (x + d) + b - x  =  A d + (A - I) x + b
+    total = deformable.astype(np.float64) @ matrix[:3, :3].T
     total += images.affine_field(matrix - np.eye(4), fixed)
     return images.displacement_image(total, fixed)
 
