@@ -177,7 +177,7 @@ def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed
     deformable = sample_at(vectors.permute(3, 0, 1, 2)[None].contiguous(), index).permute(1, 2, 3, 0).numpy()
     matrix = images.affine_matrix(transform)
     # A (x + d) + b - x  =  A d + (A - I) x + b
-    total = deformable.astype(np.float64) @ matrix[:3, :3].T
+    total = (deformable.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T).reshape(deformable.shape)
     total += images.affine_field(matrix - np.eye(4), fixed)
     return images.displacement_image(total, fixed)
 
