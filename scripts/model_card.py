@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerVoxelMorph"))
 
-from SlicerVoxelMorphLib.models import read_model_file  # noqa: E402
+from SlicerVoxelMorphLib.models import read_model_file
 
 INTENDED_USE = """\
 Deformable registration of two skull-stripped T1-weighted brain MRIs of adults, after the engine's
@@ -55,7 +55,8 @@ def render(record: dict, evaluation: str | None) -> str:
         else "- pairs: all to the atlas",
         f"- loss: NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness of the velocity "
         f"+ {c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration",
-        f"- augmentation: {'small random affine on the moving image, gamma and noise on both' if c['augment'] else 'none'}",
+        "- augmentation: " + ("small random affine on the moving image, gamma and noise on both"
+                              if c["augment"] else "none"),
         f"- Adam, learning rate {c['lr']}, batch 1, seed {c['seed']}",
         f"- iterations: {t['iterations']}, training wall time {t['seconds'] / 3600:.2f} h on {t['hardware']}",
         f"- library versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}",
