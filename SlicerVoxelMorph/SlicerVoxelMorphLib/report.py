@@ -55,8 +55,9 @@ def write_report_png(path: str | Path, fixed: sitk.Image, moving: sitk.Image, wa
     for row in range(3):
         for col, (title, array, cmap, (lo, hi)) in enumerate(columns):
             ax = fig.add_subplot(rows, len(columns), row * len(columns) + col + 1)
-            ax.imshow(_slices(array, centre)[row], cmap=cmap, vmin=lo, vmax=hi, origin="lower",
-                      interpolation="nearest")
+            # for an LPS-aligned fixed image: anterior up in the axial row, superior up in the others
+            ax.imshow(_slices(array, centre)[row], cmap=cmap, vmin=lo, vmax=hi,
+                      origin="upper" if row == 0 else "lower", interpolation="nearest")
             if title == "grid on warped":
                 _grid_lines(ax, _slices(u, centre)[row], grid_axes[row])
             ax.set_axis_off()
