@@ -89,6 +89,8 @@ def run_register(args: argparse.Namespace) -> None:
     import json
     import warnings
 
+    import SimpleITK as sitk
+
     from .images import read_image, write_image
     from .register import register
     from .report import write_report_png
@@ -117,7 +119,8 @@ def run_register(args: argparse.Namespace) -> None:
     finally:
         bar.close()
     write_image(result.warped, out / "warped.nii.gz")
-    write_image(result.displacement, out / "displacement.nii.gz")
+    # float32 vectors (as ANTs writes them): half the size and time of float64, 1e-5 mm precision
+    write_image(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), out / "displacement.nii.gz")
     write_image(result.jacobian, out / "jacobian.nii.gz")
     if result.warped_labels is not None:
         write_image(result.warped_labels, out / "warped_labels.nii.gz")
