@@ -1,0 +1,188 @@
+"""Pure logic between engine results and a Slicer scene: arrays and tables the Slicer module writes into nodes.
+
+No slicer, qt, ctk or vtk here (the module does the node work); geometry goes through ``images``.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import images
+
+
+@dataclass
+class GridArrays:
+    """What a Slicer FromParent grid transform (vtkOrientedGridTransform) needs, all in RAS.
+
+    ``origin_ras``, ``spacing`` and ``dimensions`` (i, j, k) describe the displacement grid image,
+    ``direction_ras`` is the 3x3 IJK-to-RAS direction for ``SetGridDirectionMatrix`` and
+    ``vectors_ras`` (K, J, I, 3) float64 is what goes into ``slicer.util.arrayFromGridTransform``.
+    A world point x maps to x + u(x) (resampling convention).
+    """
+
+    origin_ras: np.ndarray
+    spacing: np.ndarray
+    direction_ras: np.ndarray
+    vectors_ras: np.ndarray
+
+    @property
+    def dimensions(self) -> tuple[int, int, int]:
+        """Grid size in (i, j, k) order, as vtkImageData.SetDimensions takes it."""
+        k, j, i = self.vectors_ras.shape[:3]
+        return (i, j, k)
+
+
+def grid_transform_arrays(displacement: sitk.Image) -> GridArrays:
+    """Split an engine displacement field (vector image, LPS mm, fixed-to-moving) into RAS grid parts."""
+    if displacement.GetDimension() != 3 or displacement.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError("a 3D displacement field with 3 components per voxel is required")
+    matrix = images.ijk_to_ras(displacement)
+    spacing = np.array(displacement.GetSpacing(), dtype=float)
+    direction = matrix[:3, :3] / spacing
+    vectors = images.vectors_to_ras(sitk.GetArrayFromImage(displacement).astype(np.float64))
+    return GridArrays(matrix[:3, 3].copy(), spacing, direction, np.ascontiguousarray(vectors))
+
+
+def world_ijk_to_ras(ijk_to_ras: np.ndarray, parent_to_world: np.ndarray | None) -> np.ndarray:
+    """IJKToRAS of a volume in world coordinates: its own matrix under a linear parent transform (4x4)."""
+    matrix = np.asarray(ijk_to_ras, dtype=float)
+    if parent_to_world is None:
+        return matrix.copy()
+    return np.asarray(parent_to_world, dtype=float) @ matrix
+
+
+def labels_on_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A label map resampled (nearest neighbour, outside = 0) onto the grid of ``reference``, as int32.
+
+    Returns the labels unchanged (cast to int32) when they are already on that grid.
+    """
+    if images.same_grid(labels, reference):
+        return sitk.Cast(labels, sitk.sitkInt32)
+    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+
+
+def _key(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def match_names(fixed_names: list[str], moving_names: list[str]) -> list[str]:
+    """Segment names present on both sides (case and spacing ignored), in the fixed order, first of each.
+
+    The fixed spelling is returned; the caller looks the moving segment up with ``find_name``.
+    """
+    moving_keys = {_key(n) for n in moving_names}
+    seen: set[str] = set()
+    common = []
+    for name in fixed_names:
+        key = _key(name)
+        if key in moving_keys and key not in seen:
+            seen.add(key)
+            common.append(name)
+    return common
+
+
+def find_name(name: str, names: list[str]) -> int:
+    """Index in ``names`` of ``name`` compared as ``match_names`` does; -1 when absent."""
+    key = _key(name)
+    for index, candidate in enumerate(names):
+        if _key(candidate) == key:
+            return index
+    return -1
+
+
+def pair_labels(fixed: dict[int, str], moving: dict[int, str], by_value: bool) -> list[tuple[int, int, str]]:
+    """Pairs (fixed value, moving value, name) of labels both maps have, by value or by name, sorted by
+    fixed value. Label 0 (background) is never paired."""
+    pairs = []
+    if by_value:
+        for value in sorted(set(fixed) & set(moving) - {0}):
+            pairs.append((value, value, fixed[value]))
+        return pairs
+    moving_by_key: dict[str, int] = {}
+    for value in sorted(moving):
+        if value != 0:
+            moving_by_key.setdefault(_key(moving[value]), value)
+    used: set[int] = set()
+    for value in sorted(fixed):
+        other = moving_by_key.get(_key(fixed[value]))
+        if value != 0 and other is not None and other not in used:
+            used.add(other)
+            pairs.append((value, other, fixed[value]))
+    return pairs
+
+
+def relabel(array: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """int32 copy of a label array with each value v replaced by mapping[v]; values not in mapping become 0."""
+    array = np.asarray(array)
+    out = np.zeros(array.shape, np.int32)
+    for old, new in mapping.items():
+        out[array == old] = new
+    return out
+
+
+def dice_table_rows(report: dict) -> list[tuple[str, float, float, float]]:
+    """(name, Dice before, Dice after, fixed volume mm3) per label, in report order; [] without labels."""
+    return [(str(row["name"]), float(row["dice_before"]), float(row["dice_after"]), float(row["fixed_volume_mm3"]))
+            for row in report.get("labels", [])]
+
+
+DICE_COLUMNS = ("Structure", "Dice before", "Dice after", "Volume (mm3)")
+
+
+def summary_text(report: dict) -> str:
+    """One-line status text for the module panel from a registration report."""
+    parts = [f"Done on {report.get('device', '?')}"]
+    seconds = report.get("seconds", {})
+    if "total" in seconds:
+        parts[0] += f" in {seconds['total']:.1f} s"
+    if "mean_dice_after" in report:
+        parts.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}")
+    if "folding_percent" in report:
+        parts.append(f"folding {report['folding_percent']:.3f} %")
+    return "; ".join(parts)
+
+
+# Stages the engine reports through ``progress(stage, fraction)``, with a rough share of the run time.
+STAGES = {
+    "check": ("Checking inputs", 1),
+    "affine": ("Affine pre-alignment", 12),
+    "resample": ("Resampling to the working grid", 3),
+    "network": ("Running the network", 6),
+    "refine": ("Refining (instance optimisation)", 60),
+    "compose": ("Composing the displacement field", 5),
+    "warp": ("Warping the moving image", 5),
+    "metrics": ("Computing Jacobian and Dice", 4),
+}
+
+
+class ProgressTracker:
+    """Turns engine ``(stage, fraction)`` reports into an overall percentage and a label text.
+
+    Stages that will not run (affine off, no refinement) are left out of the total.
+    """
+
+    def __init__(self, affine: bool = True, refine: bool = False) -> None:
+        skip = set() if affine else {"affine"}
+        if not refine:
+            skip.add("refine")
+        self._start: dict[str, float] = {}
+        self._weight: dict[str, float] = {}
+        total = sum(weight for stage, (_, weight) in STAGES.items() if stage not in skip)
+        done = 0.0
+        for stage, (_, weight) in STAGES.items():
+            if stage in skip:
+                continue
+            self._start[stage] = done / total
+            self._weight[stage] = weight / total
+            done += weight
+        self.percent = 0
+
+    def update(self, stage: str, fraction: float) -> tuple[int, str]:
+        """Overall percentage (never going back) and a text for ``stage`` at ``fraction`` (0 to 1)."""
+        text = STAGES.get(stage, (stage, 0))[0]
+        if stage in self._start:
+            fraction = min(max(float(fraction), 0.0), 1.0)
+            percent = int(100 * (self._start[stage] + self._weight[stage] * fraction))
+            self.percent = max(self.percent, min(percent, 100))
+        return self.percent, text
