@@ -461,7 +461,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def worldIJKToRAS(volumeNode) -> np.ndarray:
         """IJKToRAS of a volume in world coordinates (through a linear parent transform, if any)."""
-        from SlicerVoxelMorphLib import scene
+        from SlicerVoxelMorphLib import images
 
         matrix = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(matrix)
@@ -474,7 +474,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             toWorld = vtk.vtkMatrix4x4()
             parent.GetMatrixTransformToWorld(toWorld)
             parentToWorld = slicer.util.arrayFromVTKMatrix(toWorld)
-        return scene.world_ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix), parentToWorld)
+        return images.world_ijk_to_ras(slicer.util.arrayFromVTKMatrix(matrix), parentToWorld)
 
     def imageFromVolume(self, volumeNode):
         """SimpleITK image (LPS) with the volume's voxels and world geometry."""
@@ -518,7 +518,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             return images.image_from_array(array, self.worldIJKToRAS(volumeNode))
         labels = images.image_from_array(scene.relabel(slicer.util.arrayFromVolume(labelsNode), mapping),
                                          self.worldIJKToRAS(labelsNode))
-        return scene.labels_on_grid(labels, volumeImage)
+        return images.labels_on_grid(labels, volumeImage)
 
     def labelImages(self, fixedLabels, fixedVolume, fixed, movingLabels, movingVolume, moving) -> dict:
         """Engine label arguments: both label maps renumbered 1..n over the structures they share."""

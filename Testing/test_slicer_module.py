@@ -298,13 +298,13 @@ def test_labels_on_grid_resamples_only_when_needed():
     labels = sitk.Image(grid.GetSize(), sitk.sitkUInt8)
     labels.CopyInformation(grid)
     labels[5, 5, 5] = 3
-    same = scene.labels_on_grid(labels, grid)
+    same = images.labels_on_grid(labels, grid)
     assert same.GetPixelID() == sitk.sitkInt32 and same[5, 5, 5] == 3
     coarse = sitk.Image([7, 6, 5], sitk.sitkFloat32)
     coarse.SetSpacing([3.0, 1.6, 4.0])
     coarse.SetOrigin(grid.TransformContinuousIndexToPhysicalPoint([0.5, 0.5, 0.5]))
     coarse.SetDirection(grid.GetDirection())
-    moved = scene.labels_on_grid(labels, coarse)
+    moved = images.labels_on_grid(labels, coarse)
     assert moved.GetSize() == coarse.GetSize() and moved.GetPixelID() == sitk.sitkInt32
 
 
@@ -312,8 +312,8 @@ def test_world_ijk_to_ras_applies_parent_transform():
     ijk = np.diag([2.0, 2.0, 3.0, 1.0])
     parent = np.eye(4)
     parent[:3, 3] = [1, 2, 3]
-    np.testing.assert_allclose(scene.world_ijk_to_ras(ijk, None), ijk)
-    np.testing.assert_allclose(scene.world_ijk_to_ras(ijk, parent)[:3, 3], [1, 2, 3])
+    np.testing.assert_allclose(images.world_ijk_to_ras(ijk, None), ijk)
+    np.testing.assert_allclose(images.world_ijk_to_ras(ijk, parent)[:3, 3], [1, 2, 3])
 
 
 def test_progress_tracker_is_monotone_and_ends_at_100():

@@ -193,3 +193,21 @@ def working_grid(fixed: sitk.Image, mask: np.ndarray, spacing: float = 1.0, mult
     grid.SetSpacing([spacing] * 3)
     grid.SetOrigin((centre - (size - 1) * spacing / 2).tolist())
     return grid
+
+
+def world_ijk_to_ras(ijk_to_ras: np.ndarray, parent_to_world: np.ndarray | None) -> np.ndarray:
+    """IJKToRAS of a volume in world coordinates: its own matrix under a linear parent transform (4x4)."""
+    matrix = np.asarray(ijk_to_ras, dtype=float)
+    if parent_to_world is None:
+        return matrix.copy()
+    return np.asarray(parent_to_world, dtype=float) @ matrix
+
+
+def labels_on_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """A label map resampled (nearest neighbour, outside = 0) onto the grid of ``reference``, as int32.
+
+    Returns the labels unchanged (cast to int32) when they are already on that grid.
+    """
+    if images.same_grid(labels, reference):
+        return sitk.Cast(labels, sitk.sitkInt32)
+    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)

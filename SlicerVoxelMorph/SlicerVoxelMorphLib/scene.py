@@ -44,24 +44,6 @@ def grid_transform_arrays(displacement: sitk.Image) -> GridArrays:
     return GridArrays(matrix[:3, 3].copy(), spacing, direction, np.ascontiguousarray(vectors))
 
 
-def world_ijk_to_ras(ijk_to_ras: np.ndarray, parent_to_world: np.ndarray | None) -> np.ndarray:
-    """IJKToRAS of a volume in world coordinates: its own matrix under a linear parent transform (4x4)."""
-    matrix = np.asarray(ijk_to_ras, dtype=float)
-    if parent_to_world is None:
-        return matrix.copy()
-    return np.asarray(parent_to_world, dtype=float) @ matrix
-
-
-def labels_on_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """A label map resampled (nearest neighbour, outside = 0) onto the grid of ``reference``, as int32.
-
-    Returns the labels unchanged (cast to int32) when they are already on that grid.
-    """
-    if images.same_grid(labels, reference):
-        return sitk.Cast(labels, sitk.sitkInt32)
-    return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
-
-
 def _key(name: str) -> str:
     return " ".join(name.split()).casefold()
 
