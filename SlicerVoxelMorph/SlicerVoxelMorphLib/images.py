@@ -208,6 +208,6 @@ def labels_on_grid(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
 
     Returns the labels unchanged (cast to int32) when they are already on that grid.
     """
-    if images.same_grid(labels, reference):
+    if same_grid(labels, reference):
         return sitk.Cast(labels, sitk.sitkInt32)
     return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
