@@ -96,6 +96,11 @@ def run_register(args: argparse.Namespace) -> None:
     from .report import write_report_png
 
     out = Path(args.out)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     names = read_label_names(args.label_names)
     fixed = read_image(args.fixed, "fixed image")
     moving = read_image(args.moving, "moving image")
@@ -176,7 +181,7 @@ def run_train(args: argparse.Namespace) -> None:
 def _progress_bar(quiet: bool, **kwargs):
     from tqdm import tqdm
 
-    return tqdm(disable=quiet, dynamic_ncols=True, **kwargs)
+    return tqdm(disable=True if quiet else None, dynamic_ncols=True, **kwargs)  # None: off when not a terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--refine", type=int, help="instance-optimisation steps (default 0; 100 with --model none)")
     r.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment (images already aligned)")
+    r.add_argument("--threads", type=int, help="CPU threads for torch and SimpleITK (default: all cores)")
     r.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     r.add_argument("--out", required=True, help="output folder")

@@ -151,12 +151,12 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
     moving_small = downsample(moving.to(device), factor)
     size = tuple(fixed_small.shape[2:])
     int_steps = record.get("config", {}).get("int_steps", 7)
-    clock("network")
-    with torch.no_grad():
-        if net is not None:
+    if net is not None:
+        clock("network")
+        with torch.no_grad():
             velocity = net.to(device).velocity(moving_small, fixed_small)
-        else:
-            velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
+    else:
+        velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
     if refine_steps > 0:
         clock("refine")
         velocity = refine(velocity, moving_small, fixed_small, refine_steps, int_steps=int_steps,
