@@ -57,6 +57,8 @@ def check_labels(labels: sitk.Image, image: sitk.Image, what: str = "labels") ->
         raise InputError(f"{what} have non-integer values: a label map is required")
     if not array.any():
         raise InputError(f"{what} are empty (all background)")
+    if array.min() < 0 or array.max() > np.iinfo(np.int32).max:
+        raise InputError(f"{what} have label values outside 0..{np.iinfo(np.int32).max}")
     return sitk.Cast(labels, sitk.sitkInt32)
 
 
