@@ -42,7 +42,10 @@ def training_lists(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
         base = Path(args.list).parent
         images = [str(base / r["image"]) for r in rows]
         labels = [str(base / r["labels"]) for r in rows] if rows[0].get("labels") else None
-        is_val = [r.get("split", "train") == "val" for r in rows]
+        splits = {r.get("split") or "train" for r in rows}
+        if not splits <= {"train", "val"}:
+            raise InputError(f"{args.list}: split must be train or val, not {', '.join(sorted(splits))}")
+        is_val = [(r.get("split") or "train") == "val" for r in rows]
     else:
         if not args.images or not Path(args.images).is_dir():
             raise InputError("--images must be a folder of images (or give --list)")
@@ -56,6 +59,9 @@ def training_lists(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
                 raise InputError(f"no label map in {args.labels} for: {', '.join(missing)}")
             labels = [str(by_name[subject_name(p)]) for p in files]
         val = set(filter(None, (args.val_subjects or "").split(",")))
+        unknown = sorted(val - {subject_name(p) for p in files})
+        if unknown:
+            raise InputError(f"--val-subjects names no image in {args.images}: {', '.join(unknown)}")
         is_val = [subject_name(p) in val for p in files]
     pick = [i for i, v in enumerate(is_val) if not v]
     held = [i for i, v in enumerate(is_val) if v]
