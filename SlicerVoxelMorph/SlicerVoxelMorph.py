@@ -366,6 +366,13 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         for output in (p.warpedVolume, p.jacobianVolume):
             if output is not None and output.GetID() in inputs:
                 return _("An output volume is one of the inputs: choose another or create a new one")
+        if p.outputTransform is not None:
+            for node in (p.fixedVolume, p.movingVolume, p.fixedLabels, p.movingLabels):
+                parent = node.GetParentTransformNode() if node else None
+                while parent is not None:
+                    if parent.GetID() == p.outputTransform.GetID():
+                        return _("The output transform is applied to an input: choose another or create a new one")
+                    parent = parent.GetParentTransformNode()
         return None
 
     @staticmethod
@@ -565,6 +572,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
 
         grid = scene.grid_transform_arrays(displacement)
         transformNode = self.ownNode(transformNode, "vtkMRMLTransformNode", name, "transform")
+        transformNode.SetAndObserveTransformNodeID(None)  # the grid is in world coordinates
         gridImage = vtk.vtkImageData()
         gridImage.SetOrigin(*grid.origin_ras)
         gridImage.SetSpacing(*grid.spacing)
