@@ -79,3 +79,16 @@ def sample_at(volume: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     grid = (index * scale - 1.0).reshape(1, 1, 1, -1, 3)
     out = F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(volume.shape[1], *index.shape[:-1])
+
+
+def displacement_from_velocity(velocity: torch.Tensor, size: tuple[int, ...], steps: int = 7) -> torch.Tensor:
+    """Integrate a velocity field (voxels of its grid) and resize it to ``size`` (voxels of that grid)."""
+    flow = VecInt(steps)(velocity)
+    if tuple(flow.shape[2:]) == tuple(size):
+        return flow
+    return ResizeTransform(size[0] / flow.shape[2])(flow, size)
+
+
+def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool an image tensor by an integer factor (the network's image level)."""
+    return F.avg_pool3d(image, factor) if factor > 1 else image

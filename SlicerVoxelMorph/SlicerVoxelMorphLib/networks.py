@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .layers import ResizeTransform, SpatialTransformer, VecInt
+from .layers import SpatialTransformer, VecInt, displacement_from_velocity
 
 FEATURES = {
     "vm1": ([16, 32, 32, 32], [32, 32, 32, 32, 8, 8]),
@@ -94,9 +94,7 @@ class VxmDense(nn.Module):
 
     def displacement(self, velocity: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """Integrate a velocity field and resize it to ``size`` (voxels of that grid)."""
-        flow = self.integrate(velocity)
-        factor = size[0] / flow.shape[2]
-        return ResizeTransform(factor)(flow, size) if flow.shape[2:] != tuple(size) else flow
+        return displacement_from_velocity(velocity, size, self.integrate.steps)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         velocity = self.velocity(moving, fixed)

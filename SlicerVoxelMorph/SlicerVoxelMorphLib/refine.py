@@ -3,18 +3,9 @@
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import losses
-from .layers import ResizeTransform, SpatialTransformer, VecInt
-
-
-def displacement_from_velocity(velocity: torch.Tensor, size: tuple[int, ...], steps: int = 7) -> torch.Tensor:
-    """Integrate a velocity field (voxels of its grid) and resize it to ``size`` (voxels of that grid)."""
-    flow = VecInt(steps)(velocity)
-    if tuple(flow.shape[2:]) == tuple(size):
-        return flow
-    return ResizeTransform(size[0] / flow.shape[2])(flow, size)
+from .layers import SpatialTransformer, displacement_from_velocity
 
 
 def refine(velocity: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, steps: int,
@@ -39,7 +30,3 @@ def refine(velocity: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, st
             progress("refine", (step + 1) / steps)
     return velocity.detach()
 
-
-def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
-    """Average-pool an image tensor by an integer factor (as training does)."""
-    return F.avg_pool3d(image, factor) if factor > 1 else image

@@ -12,10 +12,10 @@ import torch
 from . import images, metrics
 from .devices import pick_device
 from .errors import InputError
-from .layers import sample_at
+from .layers import displacement_from_velocity, downsample, sample_at
 from .models import load_model, resolve_model, versions
 from .preprocess import affine_align, foreground_mask, normalise
-from .refine import displacement_from_velocity, downsample, refine
+from .refine import refine
 
 WORKING_SPACING_MM = 1.0
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...

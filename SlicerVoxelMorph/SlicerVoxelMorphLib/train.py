@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from . import losses, metrics
 from .errors import Cancelled, InputError
 from .images import check_image, read_image, same_grid
-from .layers import ResizeTransform, SpatialTransformer
-from .models import save_model, versions
+from .layers import ResizeTransform, SpatialTransformer, downsample
+from .models import save_model
 from .networks import VxmDense
 from .preprocess import normalise
 
@@ -79,7 +79,7 @@ def load_subject(image_path: str, label_path: str | None, label_set: list[int], 
                          "images already affinely aligned and resampled to one grid")
     factor = _factor(image, spacing_mm)
     array = torch.from_numpy(normalise(sitk.GetArrayFromImage(image)))[None, None]
-    small = F.avg_pool3d(array, factor) if factor > 1 else array
+    small = downsample(array, factor)
     _check_multiple(small.shape[2:], image_path)
     labels = soft = None
     if label_path is not None:
@@ -88,7 +88,7 @@ def load_subject(image_path: str, label_path: str | None, label_set: list[int], 
             raise InputError(f"{label_path} is on another grid than {image_path}")
         labels = sitk.GetArrayFromImage(label_image).astype(np.int16)
         onehot = torch.stack([torch.from_numpy(labels == i) for i in label_set]).float()[None]
-        soft = F.avg_pool3d(onehot, factor) if factor > 1 else onehot
+        soft = downsample(onehot, factor)
         soft = (soft * 255).round().to(torch.uint8)
     return Subject(Path(image_path).name.split(".")[0], small.contiguous(), soft, labels)
 
@@ -364,5 +364,3 @@ def hardware_description(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     return f"CPU, {torch.get_num_threads()} threads"
 
-
-__all__ = ["TrainConfig", "Trainer", "hardware_description", "versions"]
