@@ -97,6 +97,7 @@ def run_register(args: argparse.Namespace) -> None:
 
     import SimpleITK as sitk
 
+    from .files import atomic_path
     from .images import read_image, write_image
     from .register import register
     from .report import write_report_png
@@ -138,9 +139,8 @@ def run_register(args: argparse.Namespace) -> None:
     write_report_png(out / "report.png", fixed, moving, result.warped, result.displacement, result.jacobian,
                      result.report)
     report = {"fixed": str(args.fixed), "moving": str(args.moving), **result.report}
-    tmp = out / ".report.json.partial"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     if not args.quiet:
         summary = f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}, " \
             if "mean_dice_after" in report else ""

@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .files import atomic_path
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -151,11 +152,8 @@ def displacement_image(vectors_kji: np.ndarray, reference: sitk.Image) -> sitk.I
 
 def write_image(image: sitk.Image, path: str | Path) -> None:
     """Write atomically: to a temporary name in the same folder, then rename."""
-    path = Path(path)
-    suffix = "".join(path.suffixes) or ".nii.gz"
-    tmp = path.with_name(f".{path.name.removesuffix(suffix)}.partial{suffix}")
-    sitk.WriteImage(image, str(tmp), useCompression=True)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
 
 
 def voxel_flow_to_physical(flow: np.ndarray, image: sitk.Image) -> np.ndarray:

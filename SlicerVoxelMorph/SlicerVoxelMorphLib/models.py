@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from .errors import InputError
+from .files import atomic_path
 from .networks import VxmDense
 
 FORMAT = "slicer-voxelmorph-model"
@@ -39,10 +40,8 @@ def save_model(path: str | Path, net: VxmDense, spacing_mm: float, metadata: dic
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dict(net.config),
               "spacing_mm": float(spacing_mm), "normalisation": "percentile 0.5-99.5 to [0, 1]",
               "state_dict": state, "sha256": digest, "versions": versions(), **metadata}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(record, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
     return digest
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import images
+from .files import atomic_path
 from .preprocess import normalise
 
 GRID_EVERY = 6  # voxels between drawn grid lines
@@ -77,8 +78,6 @@ def write_report_png(path: str | Path, fixed: sitk.Image, moving: sitk.Image, wa
     fig.suptitle(f"model {report.get('model')}, refine {report.get('refine_steps')}, "
                  f"folding {report.get('folding_percent', float('nan')):.3f} %")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(path)

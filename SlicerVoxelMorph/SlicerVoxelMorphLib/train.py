@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import losses, metrics
 from .errors import Cancelled, InputError
+from .files import atomic_path
 from .images import check_image, read_image, same_grid
 from .layers import ResizeTransform, SpatialTransformer, downsample
 from .models import save_model
@@ -254,9 +255,8 @@ class Trainer:
         """Resumable state: weights, optimiser, iteration, history, config."""
         state = {"config": asdict(self.config), "iteration": self.iteration, "seconds": self.seconds,
                  "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(), "history": self.history}
-        tmp = self.out / ".checkpoint.pt.partial"
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint_path())
+        with atomic_path(self.checkpoint_path()) as tmp:
+            torch.save(state, tmp)
 
     def resume(self) -> None:
         """Continue from ``out/checkpoint.pt`` (weights, optimiser, iteration, history)."""
