@@ -51,3 +51,32 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--images", str(images), "--labels", str(labels), "--quiet", "--out",
                  str(tmp_path / "new"), "--resume"])
     assert code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
+def test_synthesis_training_warm_starts_logs_variants_and_keeps_the_best(tmp_path):
+    images, labels = _dataset(tmp_path)
+    _train(images, labels, tmp_path / "base")
+    _train(images, labels, tmp_path / "synth", "--synth-fraction", "0.5", "--init-model",
+           str(tmp_path / "base" / "model.pt"))
+    rows = list(csv.DictReader(open(tmp_path / "synth" / "log.csv")))
+    kinds = {r["synthetic"] for r in rows}
+    assert kinds == {"0", "1"}
+    assert all(r["ncc"] == "" for r in rows if r["synthetic"] == "1")  # no image similarity across contrasts
+    validated = [r for r in rows if r["val_worst"]]
+    assert validated
+    for row in validated:
+        dices = [float(row[f"val_dice_{k}"]) for k in ("plain", "inverted", "t2", "flair", "monotone",
+                                                         "nonmonotone", "head")]
+        assert float(row["val_worst"]) == min(dices)
+    _, best = load_model(tmp_path / "synth" / "best_model.pt")
+    assert best["validation"]["val_worst"] == max(float(r["val_worst"]) for r in validated)
+
+
+def test_synthesis_needs_labels_and_a_matching_warm_start(tmp_path, capsys):
+    images, labels = _dataset(tmp_path)
+    code = main(["train", "--images", str(images), "--synth-fraction", "0.5", "--quiet", "--out", str(tmp_path / "a")])
+    assert code == 2 and "needs training label maps" in capsys.readouterr().err
+    _train(images, labels, tmp_path / "base")
+    code = main(["train", "--images", str(images), "--labels", str(labels), "--features", "vm1", "--init-model",
+                 str(tmp_path / "base" / "model.pt"), "--quiet", "--out", str(tmp_path / "b")])
+    assert code == 2 and "architecture" in capsys.readouterr().err

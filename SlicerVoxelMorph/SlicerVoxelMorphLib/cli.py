@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dice-weight", type=float, help="weight of the label Dice loss, 0 = unsupervised (default 1)")
     t.add_argument("--spacing-mm", type=float, help="training grid spacing in mm (default 2)")
     t.add_argument("--features", choices=["vm1", "vm2"], help="UNet feature sizes (default vm2)")
+    t.add_argument("--synth-fraction", type=float,
+                   help="share of iterations on image pairs synthesised from the label maps (default 0)")
+    t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")
     t.add_argument("--seed", type=int, help="random seed (default 0)")

@@ -14,14 +14,15 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import losses, metrics
+from . import losses, metrics, variants
 from .errors import Cancelled, InputError
 from .files import atomic_path
 from .images import check_image, read_image, same_grid
 from .layers import ResizeTransform, SpatialTransformer, downsample
-from .models import save_model
+from .models import load_model, resolve_model, save_model
 from .networks import VxmDense
 from .preprocess import normalise
+from .synth import Synthesiser, SynthSubject, make_subject
 
 
 @dataclass
@@ -50,6 +51,8 @@ class TrainConfig:
     seed: int = 0
     val_every: int = 250
     checkpoint_every: int = 250
+    synth_fraction: float = 0.0  # share of iterations on image pairs synthesised from the label maps
+    init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
 @dataclass
@@ -140,15 +143,31 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._load_data()
         torch.manual_seed(config.seed)
-        self.net = VxmDense(config.features, config.half_res, config.int_steps).to(device)
+        self.net = VxmDense(config.features, config.half_res, config.int_steps)
+        if config.init_model:
+            self._warm_start(config.init_model)
+        self.net.to(device)
+        self.synthesiser = Synthesiser()
+        self.best_score = -math.inf
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.iteration = 0
         self.seconds = 0.0  # training wall time over all chunks
         self.history: list[dict] = []
         self.transformer = SpatialTransformer()
 
+    def _warm_start(self, model: str) -> None:
+        net, record = load_model(resolve_model(model))
+        if net.config != self.net.config or record["spacing_mm"] != self.config.spacing_mm:
+            raise InputError(f"--init-model {model}: its architecture {net.config} at {record['spacing_mm']} mm "
+                             f"differs from this run's {self.net.config} at {self.config.spacing_mm} mm")
+        self.net.load_state_dict(net.state_dict())
+
     def _load_data(self) -> None:
         c = self.config
+        if not 0 <= c.synth_fraction <= 1:
+            raise InputError(f"--synth-fraction must be in [0, 1], not {c.synth_fraction}")
+        if c.synth_fraction > 0 and not c.labels:
+            raise InputError("synthesis (--synth-fraction > 0) needs training label maps (--labels)")
         if not c.images:
             raise InputError("no training images given")
         if c.mode not in ("scan", "atlas"):
@@ -164,6 +183,7 @@ class Trainer:
             self.label_set = sorted(set(self.label_set) | set(metrics.label_ids(
                 sitk.GetArrayFromImage(read_image(path, "labels")))))
         reference = check_image(read_image(c.images[0], "training image"))
+        self.factor = _factor(reference, c.spacing_mm)
         self.progress("decoding", 0.0)
 
         def load(paths: list[str], label_paths: list[str] | None) -> list[Subject]:
@@ -176,11 +196,27 @@ class Trainer:
         self.train_subjects = load(c.images, c.labels)
         self.val_subjects = load(c.val_images, c.val_labels)
         self.atlas = load([c.atlas], [c.atlas_labels] if c.atlas_labels else None)[0] if c.atlas else None
+        self.synth_subjects = self._synth_subjects(c.images, c.labels) if c.synth_fraction > 0 else []
+        if c.synth_fraction > 0 and c.atlas and c.atlas_labels:
+            self.synth_subjects += self._synth_subjects([c.atlas], [c.atlas_labels])
+        # outside-brain distance of validation subjects, for the validation variant with a head
+        self.val_distance = {s.name: downsample(v.distance, self.factor) for s, v in zip(
+            self.val_subjects + ([self.atlas] if self.atlas else []), self._synth_subjects(
+                c.val_images + ([c.atlas] if c.atlas else []),
+                (c.val_labels or []) + ([c.atlas_labels] if c.atlas_labels else [])), strict=False)}
+
+    def _synth_subjects(self, image_paths: list[str], label_paths: list[str] | None) -> list[SynthSubject]:
+        if not label_paths or len(label_paths) != len(image_paths):
+            return []
+        return [make_subject(Path(i).name.split(".")[0], read_image(i, "training image"), read_image(lab, "labels"),
+                             self.label_set) for i, lab in zip(image_paths, label_paths, strict=True)]
 
     def sample(self, iteration: int) -> tuple[torch.Tensor, ...]:
         """The training pair of an iteration, reproducible from (seed, iteration)."""
         c = self.config
         rng = np.random.default_rng([c.seed, iteration])
+        if c.synth_fraction > 0 and rng.random() < c.synth_fraction:
+            return self.sample_synthetic(rng)
         pool = self.train_subjects
         moving = pool[rng.integers(len(pool))]
         if self.atlas is not None and (c.mode == "atlas" or rng.random() < c.atlas_fraction):
@@ -198,19 +234,36 @@ class Trainer:
         m_image, f_image = moving.image, fixed.image
         if c.augment:
             m_image, f_image, m_soft = augment_pair(m_image, f_image, m_soft, rng)
-        return m_image, f_image, m_soft, f_soft
+        return m_image, f_image, m_soft, f_soft, True
+
+    def sample_synthetic(self, rng: np.random.Generator) -> tuple:
+        """A pair synthesised from two label maps (the same one with probability 0.2), one-hot maps of
+        a random subset of brain structures; no image similarity (contrasts differ by design)."""
+        c = self.config
+        pool = self.synth_subjects
+        moving = pool[rng.integers(len(pool))]
+        fixed = moving if rng.random() < 0.2 else pool[rng.integers(len(pool))]
+        size = tuple(n // self.factor for n in moving.generation.shape[2:])
+        m_image, f_image, m_structures, f_structures = self.synthesiser.pair(moving, fixed, rng, size)
+        n = min(c.dice_labels_per_iteration, len(self.label_set))
+        chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)) + 1).view(1, -1, 1, 1, 1)
+        return m_image, f_image, (m_structures == chosen).float(), (f_structures == chosen).float(), False
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         """One optimisation step; returns the loss terms."""
         c = self.config
-        moving, fixed, m_soft, f_soft = (t.to(self.device) if t is not None else None for t in batch)
+        *tensors, use_similarity = batch
+        moving, fixed, m_soft, f_soft = (t.to(self.device) if t is not None else None for t in tensors)
         amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             warped, flow, velocity = self.net(moving, fixed)
-        similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
         smooth = losses.grad(velocity.float())
-        loss = similarity + c.smooth_weight * smooth
-        terms = {"ncc": similarity.item(), "smooth": smooth.item()}
+        loss = c.smooth_weight * smooth
+        terms = {"smooth": smooth.item(), "synthetic": int(not use_similarity)}
+        if use_similarity:
+            similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
+            loss = loss + similarity
+            terms["ncc"] = similarity.item()
         if m_soft is not None:
             overlap = losses.dice(f_soft, self.transformer(m_soft, flow.float()))
             loss = loss + c.dice_weight * overlap
@@ -221,32 +274,68 @@ class Trainer:
         terms["loss"] = loss.item()
         return terms
 
+    def _variant(self, subject: Subject, kind: str, seed: int) -> torch.Tensor:
+        image = subject.image[0, 0].numpy()
+        distance = self.val_distance.get(subject.name)
+        if kind == "head" and distance is None:
+            return subject.image
+        out = variants.variant(image, kind, None if distance is None else distance[0, 0].numpy(), seed,
+                               voxel_mm=self.config.spacing_mm)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean Dice and % folding on validation pairs (each to the atlas, else to the next subject),
-        measured at full resolution on the hard label maps."""
+        """Mean Dice on validation pairs (each to the atlas, else to the next subject) for every
+        validation variant (moving image with another contrast; both with a synthetic head), the worst
+        of them, and % folding of the plain pairs; measured at full resolution on the hard label maps."""
         self.net.eval()
         subjects = self.val_subjects
         pairs = [(s, self.atlas) for s in subjects] if self.atlas is not None else list(
             zip(subjects, subjects[1:] + subjects[:1], strict=True))
-        dices, folds = [], []
-        for moving, fixed in pairs:
-            if moving.labels is None or fixed.labels is None:
-                continue
-            _, flow, _ = self.net(moving.image.to(self.device), fixed.image.to(self.device))
-            size = fixed.labels.shape
-            full = ResizeTransform(size[0] / flow.shape[2])(flow, size)
-            labels = torch.from_numpy(moving.labels.astype(np.float32))[None, None].to(self.device)
-            warped = SpatialTransformer("nearest")(labels, full)[0, 0].cpu().numpy().astype(np.int16)
-            ids = metrics.label_ids(fixed.labels)
-            dices.append(np.nanmean(list(metrics.dice(fixed.labels, warped, ids).values())))
-            vectors = np.moveaxis(full[0].cpu().numpy()[::-1], 0, -1)  # (K, J, I, 3) voxels (i, j, k)
-            det = metrics.jacobian_determinant(vectors, np.eye(3))
-            folds.append(metrics.folding_percent(det, fixed.labels > 0))
+        pairs = [(m, f) for m, f in pairs if m.labels is not None and f.labels is not None]
+        result: dict[str, float] = {}
+        for kind in variants.VARIANTS:
+            dices = []
+            for n, (moving, fixed) in enumerate(pairs):
+                m_image = self._variant(moving, kind, n)
+                f_image = self._variant(fixed, kind, 1000 + n) if kind == "head" else fixed.image
+                dice, folding = self._validate_pair(moving, fixed, m_image, f_image, kind == "plain")
+                dices.append(dice)
+                if folding is not None:
+                    result.setdefault("folds", []).append(folding)
+            if dices:
+                result[f"val_dice_{kind}"] = float(np.mean(dices))
         self.net.train()
-        if not dices:
+        if not result:
             return {}
-        return {"val_dice": float(np.mean(dices)), "val_folding_percent": float(np.mean(folds))}
+        folds = result.pop("folds")
+        result["val_dice"] = result["val_dice_plain"]
+        result["val_worst"] = min(v for k, v in result.items() if k.startswith("val_dice_"))
+        result["val_folding_percent"] = float(np.mean(folds))
+        return result
+
+    def _validate_pair(self, moving: Subject, fixed: Subject, m_image: torch.Tensor, f_image: torch.Tensor,
+                       folding: bool) -> tuple[float, float | None]:
+        """Mean Dice over the fixed labels, and % folding in them when asked, for one pair."""
+        _, flow, _ = self.net(m_image.to(self.device), f_image.to(self.device))
+        size = fixed.labels.shape
+        full = ResizeTransform(size[0] / flow.shape[2])(flow, size)
+        labels = torch.from_numpy(moving.labels.astype(np.float32))[None, None].to(self.device)
+        warped = SpatialTransformer("nearest")(labels, full)[0, 0].cpu().numpy().astype(np.int16)
+        ids = metrics.label_ids(fixed.labels)
+        dice = float(np.nanmean(list(metrics.dice(fixed.labels, warped, ids).values())))
+        if not folding:
+            return dice, None
+        vectors = np.moveaxis(full[0].cpu().numpy()[::-1], 0, -1)  # (K, J, I, 3) voxels (i, j, k)
+        det = metrics.jacobian_determinant(vectors, np.eye(3))
+        return dice, metrics.folding_percent(det, fixed.labels > 0)
+
+    def _keep_best(self, row: dict) -> None:
+        """Write ``out/best_model.pt`` when the worst validation variant is the best seen so far."""
+        score = row.get("val_worst")
+        if score is not None and score > self.best_score:
+            self.best_score = score
+            self.export_model(hardware_description(self.device), "best_model.pt")
 
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
@@ -267,10 +356,11 @@ class Trainer:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration, self.history = state["iteration"], state["history"]
+        self.best_score = max((h["val_worst"] for h in self.history if "val_worst" in h), default=-math.inf)
         self.seconds = state["seconds"]
 
-    def export_model(self, hardware: str) -> Path:
-        """Write ``out/model.pt``: a self-describing model file with the training record."""
+    def export_model(self, hardware: str, name: str = "model.pt") -> Path:
+        """Write ``out/<name>``: a self-describing model file with the training record."""
         c = self.config
         validations = [h for h in self.history if "val_dice" in h]
         record = {
@@ -282,7 +372,7 @@ class Trainer:
                          "atlas": self.atlas.name if self.atlas else None},
             "validation": validations[-1] if validations else {},
         }
-        path = self.out / "model.pt"
+        path = self.out / name
         save_model(path, self.net.cpu(), c.spacing_mm, record)
         self.net.to(self.device)
         return path
@@ -310,6 +400,7 @@ class Trainer:
             if self.iteration % c.val_every == 0 or self.iteration == stop:
                 row.update(self.validate())
             self.history.append(row)
+            self._keep_best(row)
             _append_csv(log_path, row)
             if self.iteration % c.checkpoint_every == 0 or self.iteration == stop:
                 self.save_checkpoint()
@@ -322,7 +413,8 @@ class Trainer:
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    columns = ["iteration", "seconds", "loss", "ncc", "smooth", "dice", "val_dice", "val_folding_percent"]
+    columns = ["iteration", "seconds", "synthetic", "loss", "ncc", "smooth", "dice", "val_dice", "val_worst",
+               *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent"]
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

@@ -1,0 +1,249 @@
+"""Image synthesis from label maps (SynthMorph-style): random shapes, contrasts, heads and artefacts.
+
+A ``SynthSubject`` holds a generation label map made once from a labelled brain: every brain
+structure split into three tissue classes (CSF, grey, white matter, by intensity clustering of its
+image) and the distance outside the brain, from which random extra-cerebral layers (CSF rim,
+skull, scalp) are drawn at each sample. ``Synthesiser`` deforms two such maps at random and draws
+an image from each with its own random contrast, blur, bias field, gamma, noise and resolution
+loss. The loss sees only the brain structures, so the network learns to ignore everything else.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .images import check_labels
+from .layers import displacement_from_velocity
+from .preprocess import normalise
+
+TISSUES = 3  # CSF, grey matter, white matter inside the brain
+HEAD_LAYERS = 3  # CSF rim, skull, scalp outside it
+HEAD_LABEL = 1  # generation labels 1..HEAD_LAYERS are the head layers, 0 is background
+
+
+@dataclass
+class SynthSubject:
+    """A labelled brain prepared for synthesis, on one grid (spacing ``spacing_mm``)."""
+
+    name: str
+    generation: torch.Tensor  # (1, 1, D, H, W) float: 0 outside the brain, else 1 + HEAD_LAYERS + s * TISSUES + t
+    distance: torch.Tensor  # (1, 1, D, H, W) float: mm outside the brain mask (0 inside)
+    structures: int  # number of structures s (0 = brain voxels without a structure label)
+    spacing_mm: float
+
+
+def tissue_centres(values: np.ndarray, classes: int = TISSUES, iterations: int = 30) -> np.ndarray:
+    """Increasing 1D k-means centres of ``values`` (for T1 brain voxels: CSF, grey, white matter)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    centres = np.percentile(values, np.linspace(10, 90, classes))
+    for _ in range(iterations):
+        assign = np.abs(values[:, None] - centres[None]).argmin(1)
+        updated = np.array([values[assign == c].mean() if (assign == c).any() else centres[c] for c in range(classes)])
+        if np.allclose(updated, centres):
+            break
+        centres = updated
+    return np.sort(centres)
+
+
+def tissue_classes(image: np.ndarray, brain: np.ndarray, classes: int = TISSUES) -> np.ndarray:
+    """Class 0..classes-1 of every voxel inside ``brain`` by the nearest ``tissue_centres``; 0 outside."""
+    values = image[brain]
+    centres = tissue_centres(values, classes)
+    out = np.zeros(image.shape, dtype=np.int64)
+    out[brain] = np.abs(values[:, None] - centres[None]).argmin(1)
+    return out
+
+
+def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: list[int]) -> SynthSubject:
+    """Generation label map and outside-brain distance of one labelled image (labels on its grid).
+
+    The brain is the labelled voxels with holes filled (ventricles and sulci inside the hull stay brain).
+    """
+    labels = check_labels(labels, image, f"{name} labels")
+    label_array = sitk.GetArrayFromImage(labels).astype(np.int64)
+    if not np.isin(label_array, [0, *label_set]).all():
+        raise InputError(f"{name}: label ids outside the synthesis label set")
+    brain_image = sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(sitk.Cast(labels > 0, sitk.sitkUInt8), [2] * 3))
+    brain = sitk.GetArrayFromImage(brain_image).astype(bool)
+    intensity = normalise(sitk.GetArrayFromImage(image))
+    tissue = tissue_classes(intensity, brain)
+    compact = np.zeros(max(label_set) + 1, dtype=np.int64)
+    compact[label_set] = np.arange(1, len(label_set) + 1)
+    structure = compact[label_array]
+    generation = np.where(brain, 1 + HEAD_LAYERS + structure * TISSUES + tissue, 0)
+    distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        brain_image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    spacing = image.GetSpacing()
+    if not np.allclose(spacing, spacing[0], rtol=1e-3):
+        raise InputError(f"{name}: synthesis needs isotropic voxels, not {spacing}")
+    return SynthSubject(name, torch.from_numpy(generation.astype(np.float32))[None, None],
+                        torch.from_numpy(np.clip(distance, 0, None).astype(np.float32))[None, None],
+                        len(label_set), float(spacing[0]))
+
+
+def smooth_noise(rng: np.random.Generator, channels: int, coarse: tuple[int, ...], size: tuple[int, ...],
+                 sd: float) -> torch.Tensor:
+    """Gaussian noise of SD ``sd`` drawn on a ``coarse`` grid and upsampled (trilinear) to ``size``."""
+    noise = torch.from_numpy(rng.normal(0, sd, (1, channels, *coarse)).astype(np.float32))
+    return F.interpolate(noise, size=size, mode="trilinear", align_corners=True)
+
+
+def random_affine_matrix(rng: np.random.Generator, rotation_deg: float, scale: float, shear: float,
+                         shift: float) -> torch.Tensor:
+    """Random affine (1, 3, 4) in normalised coordinates: rotations, scalings, shears and a shift."""
+    matrix = np.eye(3)
+    for axis, angle in enumerate(np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, 3))):
+        a, b = [i for i in range(3) if i != axis]
+        r = np.eye(3)
+        r[a, a], r[a, b], r[b, a], r[b, b] = math.cos(angle), -math.sin(angle), math.sin(angle), math.cos(angle)
+        matrix = matrix @ r
+    shears = np.eye(3)
+    shears[np.triu_indices(3, 1)] = rng.uniform(-shear, shear, 3)
+    matrix = matrix @ shears @ np.diag(np.exp(rng.uniform(-scale, scale, 3)))
+    theta = np.concatenate([matrix, rng.uniform(-shift, shift, (3, 1))], axis=1)
+    return torch.tensor(theta, dtype=torch.float32)[None]
+
+
+@dataclass
+class SynthSettings:
+    """Ranges of the random draws (intensities on a 0..1 scale; lengths in output voxels unless mm)."""
+
+    rotation_deg: float = 10.0
+    scale: float = 0.12  # log-scale range per axis
+    shear: float = 0.05
+    shift: float = 0.05
+    velocity_sd: float = 3.0  # SD of the stationary velocity, voxels of the output grid, at 1/8 resolution
+    atrophy_probability: float = 0.5  # grow CSF into neighbouring tissue (larger sulci and ventricles)
+    head_probability: float = 0.6  # draw skull and scalp layers (else a skull-stripped look)
+    head_mm: tuple[float, float] = (1.0, 8.0)  # thickness range of each head layer
+    background_zero_probability: float = 0.3
+    independent_labels_probability: float = 0.3  # every label its own mean (else tissue classes share one)
+    label_sd: float = 0.08
+    blur_sd: float = 1.0
+    bias_sd: float = 0.3
+    gamma_sd: float = 0.25
+    noise_sd: float = 0.04
+    thick_slice_probability: float = 0.3
+    thick_slice_factor: float = 3.0
+
+
+class Synthesiser:
+    """Draws (moving, fixed) image pairs with their brain-structure maps from ``SynthSubject`` s.
+
+    ``pair(a, b, rng, size)`` returns images (1, 1, *size) normalised like inference inputs and
+    structure maps (1, 1, *size) long, 0 = no structure, s = compact structure id.
+    """
+
+    def __init__(self, settings: SynthSettings | None = None) -> None:
+        self.settings = settings or SynthSettings()
+
+    def deformation(self, rng: np.random.Generator, size: tuple[int, ...]) -> torch.Tensor:
+        """A random diffeomorphic sampling grid (1, *size, 3) in normalised coordinates (align_corners=False)."""
+        s = self.settings
+        theta = random_affine_matrix(rng, s.rotation_deg, s.scale, s.shear, s.shift)
+        grid = F.affine_grid(theta, [1, 1, *size], align_corners=False)
+        half = tuple(max(2, n // 2) for n in size)  # integrated at half size, where it is smooth anyway
+        velocity = smooth_noise(rng, 3, tuple(max(2, n // 8) for n in size), half, rng.uniform(0, s.velocity_sd) / 2)
+        flow = displacement_from_velocity(velocity, size, steps=5)  # voxels of the output grid, along D, H, W
+        scale = torch.tensor([2.0 / n for n in size[::-1]]).view(1, 1, 1, 1, 3)
+        return grid + flow.permute(0, 2, 3, 4, 1).flip(-1) * scale
+
+    def labels(self, subject: SynthSubject, rng: np.random.Generator, size: tuple[int, ...]) -> torch.Tensor:
+        """Deformed generation labels on an output grid of ``size`` (spacing of the subject times
+        ``subject size / size``), head layers drawn, long (1, 1, *size)."""
+        s = self.settings
+        grid = self.deformation(rng, size)
+        generation = F.grid_sample(subject.generation, grid, mode="nearest", align_corners=False).long()
+        if rng.random() < s.head_probability:
+            distance = F.grid_sample(subject.distance, grid, mode="bilinear", align_corners=False,
+                                     padding_mode="border")
+            wobble = smooth_noise(rng, 1, tuple(max(2, n // 8) for n in size), size, 1.5)  # mm
+            edges = torch.tensor(np.cumsum(rng.uniform(*s.head_mm, HEAD_LAYERS)), dtype=torch.float32)
+            layer = torch.bucketize(distance + wobble, edges)
+            head = (generation == 0) & (layer < HEAD_LAYERS)
+            generation = torch.where(head, HEAD_LABEL + layer, generation)
+        if rng.random() < s.atrophy_probability:
+            generation = self.atrophy(generation, rng)
+        return generation
+
+    def atrophy(self, generation: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Grow the CSF class one voxel into neighbouring brain tissue where a smooth random map allows."""
+        brain = generation > HEAD_LAYERS
+        tissue = (generation - 1 - HEAD_LAYERS) % TISSUES
+        csf = (brain & (tissue == 0)).float()
+        grown = F.max_pool3d(csf, 3, stride=1, padding=1) > 0
+        allowed = smooth_noise(rng, 1, tuple(max(2, n // 6) for n in generation.shape[2:]),
+                               tuple(generation.shape[2:]), 1.0) > rng.uniform(-0.5, 1.0)
+        change = grown & brain & (tissue != 0) & allowed
+        return torch.where(change, generation - tissue, generation)
+
+    def image(self, generation: torch.Tensor, structures: int, rng: np.random.Generator) -> torch.Tensor:
+        """A random-contrast image (1, 1, *size) of a generation label map with ``structures`` structures
+        (plus the unlabelled brain), normalised to [0, 1] like inference inputs."""
+        s = self.settings
+        n_structures = structures + 1
+        tissue_means = rng.uniform(0, 1, TISSUES)
+        if rng.random() < s.independent_labels_probability:
+            brain_means = rng.uniform(0, 1, n_structures * TISSUES)
+        else:
+            jitter = rng.normal(0, rng.uniform(0, 0.08), (n_structures, TISSUES))
+            brain_means = (tissue_means[None] + jitter).ravel()
+        background = rng.uniform(0, 1) if rng.random() < 0.3 else rng.uniform(0, 0.1)
+        means = np.concatenate([[background], rng.uniform(0, 1, HEAD_LAYERS), brain_means])
+        sds = rng.uniform(0, s.label_sd, len(means))
+        size = tuple(generation.shape[2:])
+        mean = torch.from_numpy(means.astype(np.float32))[generation]
+        sd = torch.from_numpy(sds.astype(np.float32))[generation]
+        image = mean + sd * torch.from_numpy(rng.standard_normal(size).astype(np.float32))
+        image = blur(image, rng.uniform(0, s.blur_sd, 3))
+        if rng.random() < s.background_zero_probability:
+            image = torch.where(generation == 0, torch.zeros_like(image), image)
+        bias = smooth_noise(rng, 1, tuple(max(2, n // 20) for n in size), size, rng.uniform(0, s.bias_sd))
+        image = image.clamp_min(0) * bias.exp()
+        if rng.random() < s.thick_slice_probability:
+            image = thick_slices(image, int(rng.integers(3)), rng.uniform(1.5, s.thick_slice_factor))
+        image = image / image.max().clamp_min(1e-6)
+        image = image.clamp_min(0) ** float(np.exp(rng.normal(0, s.gamma_sd)))
+        image = image + torch.from_numpy(rng.normal(0, rng.uniform(0, s.noise_sd), size).astype(np.float32))
+        return torch.from_numpy(normalise(image.numpy()))
+
+    def pair(self, moving: SynthSubject, fixed: SynthSubject, rng: np.random.Generator,
+             size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(moving image, fixed image, moving structures, fixed structures), each (1, 1, *size)."""
+        out_images, out_structures = [], []
+        for subject in (moving, fixed):
+            generation = self.labels(subject, rng, size)
+            out_images.append(self.image(generation, subject.structures, rng))
+            brain = generation > HEAD_LAYERS
+            out_structures.append(torch.where(brain, (generation - 1 - HEAD_LAYERS) // TISSUES, 0))
+        return out_images[0], out_images[1], out_structures[0], out_structures[1]
+
+
+def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:
+    """Separable Gaussian blur of (1, 1, D, H, W) with one SD (voxels) per axis; SD < 0.1 is skipped."""
+    for axis, sd in enumerate(sds):
+        if sd < 0.1:
+            continue
+        radius = max(1, math.ceil(3 * sd))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / sd) ** 2)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = len(x)
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        image = F.conv3d(image, (kernel / kernel.sum()).view(shape), padding=tuple(padding))
+    return image
+
+
+def thick_slices(image: torch.Tensor, axis: int, factor: float) -> torch.Tensor:
+    """Resolution loss along one axis: average into slices ``factor`` voxels thick and interpolate back."""
+    size = list(image.shape[2:])
+    coarse = list(size)
+    coarse[axis] = max(2, round(size[axis] / factor))
+    small = F.adaptive_avg_pool3d(image, coarse)
+    return F.interpolate(small, size=size, mode="trilinear", align_corners=False)

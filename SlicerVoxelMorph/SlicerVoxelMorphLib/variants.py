@@ -1,0 +1,74 @@
+"""Validation variants of a T1 brain image: remapped contrasts and a synthetic head around it.
+
+Each variant is a fixed, seeded function of one normalised image, so validation figures are
+comparable across checkpoints and models: they measure generalisation to other contrasts and to
+images with skull and scalp, not to the training set's appearance.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import normalise
+from .synth import blur, tissue_centres
+
+CONTRASTS = ("inverted", "t2", "flair", "monotone", "nonmonotone")
+VARIANTS = ("plain", *CONTRASTS, "head")
+BRAIN_THRESHOLD = 0.05
+
+
+def remap_contrast(image: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """A T1 image (normalised to [0, 1]) with another contrast, normalised again.
+
+    't2': CSF bright, grey above white matter; 'flair': CSF dark, grey above white matter;
+    'inverted': 1 - image (background bright too); 'monotone' / 'nonmonotone': a random increasing
+    or arbitrary piecewise-linear intensity curve drawn from ``seed``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    brain = image > BRAIN_THRESHOLD
+    if kind == "inverted":
+        return normalise(1.0 - image)
+    if kind in ("t2", "flair"):
+        csf, grey, white = tissue_centres(image[brain])
+        knots = [0.0, csf, grey, white, 1.0]
+        values = [0.0, 1.0, 0.55, 0.3, 0.25] if kind == "t2" else [0.0, 0.1, 0.75, 0.5, 0.45]
+    elif kind in ("monotone", "nonmonotone"):
+        rng = np.random.default_rng(seed)
+        knots = list(np.linspace(0, 1, 7))
+        values = rng.uniform(0, 1, 7)
+        values = list(np.sort(values) if kind == "monotone" else values)
+    else:
+        raise ValueError(f"unknown contrast {kind!r}; one of {CONTRASTS}")
+    return normalise(np.interp(image, knots, values).astype(np.float32))
+
+
+def add_head(image: np.ndarray, distance_mm: np.ndarray, seed: int = 0,
+             layers_mm: tuple[float, ...] = (2.0, 6.0, 6.0), values: tuple[float, ...] = (0.1, 0.05, 0.9),
+             voxel_mm: float = 1.0) -> np.ndarray:
+    """A skull-stripped image with T1-like head layers (CSF rim, skull, scalp) drawn around the brain,
+    where ``distance_mm`` is the distance outside the brain; thickness varies smoothly (seeded)."""
+    rng = np.random.default_rng(seed)
+    shape = image.shape
+    wobble = F.interpolate(torch.from_numpy(rng.normal(0, 1.5, (1, 1, *[max(2, n // 10) for n in shape]))).float(),
+                           size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
+    edges = np.cumsum(layers_mm)
+    layer = np.digitize(distance_mm + wobble, edges)
+    head = np.zeros(shape, dtype=np.float32)
+    for n, value in enumerate(values):
+        head[layer == n] = value
+    outside = distance_mm > 0
+    out = np.where(outside, head, image) + rng.normal(0, 0.02, shape).astype(np.float32)
+    out = blur(torch.from_numpy(out.astype(np.float32))[None, None], np.full(3, 0.5 / voxel_mm))[0, 0].numpy()
+    return normalise(out)
+
+
+def variant(image: np.ndarray, kind: str, distance_mm: np.ndarray | None = None, seed: int = 0,
+            voxel_mm: float = 1.0) -> np.ndarray:
+    """One of ``VARIANTS`` of a normalised T1 image ('head' needs the outside-brain distance)."""
+    if kind == "plain":
+        return image
+    if kind == "head":
+        if distance_mm is None:
+            raise ValueError("the head variant needs the distance outside the brain")
+        return add_head(image, distance_mm, seed, voxel_mm=voxel_mm)
+    return remap_contrast(image, kind, seed)

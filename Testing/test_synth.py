@@ -1,0 +1,127 @@
+"""Synthesis from label maps and validation variants, checked on small hand-made volumes."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import phantom, to_image
+from SlicerVoxelMorphLib import synth, variants
+from SlicerVoxelMorphLib.errors import InputError
+from SlicerVoxelMorphLib.synth import HEAD_LAYERS, TISSUES, Synthesiser, SynthSettings, make_subject
+
+QUIET = SynthSettings(rotation_deg=0, scale=0, shear=0, shift=0, velocity_sd=0, atrophy_probability=0,
+                      head_probability=0, background_zero_probability=0, label_sd=0, blur_sd=0, bias_sd=0,
+                      gamma_sd=0, noise_sd=0, thick_slice_probability=0)
+
+
+def _subject(shape=(32, 32, 32)):
+    image, labels = phantom(shape, seed=0)
+    return make_subject("P", to_image(image), to_image(labels), [1, 2, 3]), labels
+
+
+def test_tissue_classes_recover_three_hand_made_intensity_groups():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, (10, 10, 10))
+    image = np.choose(truth, [0.2, 0.5, 0.8]) + rng.normal(0, 0.02, truth.shape)
+    classes = synth.tissue_classes(image, np.ones(truth.shape, bool))
+    assert (classes == truth).all()
+
+
+def test_generation_labels_keep_structures_and_split_tissues():
+    subject, labels = _subject()
+    generation = subject.generation[0, 0].numpy().astype(int)
+    brain = generation > HEAD_LAYERS
+    assert brain[labels > 0].all()  # every labelled voxel is brain
+    structure = (generation[labels > 0] - 1 - HEAD_LAYERS) // TISSUES
+    np.testing.assert_array_equal(structure, labels[labels > 0])  # compact ids of [1, 2, 3] are 1, 2, 3
+    distance = subject.distance[0, 0].numpy()
+    assert (distance[brain] == 0).all() and (distance[~brain] > 0).all()
+
+
+def test_without_deformation_the_structures_are_the_label_map_and_the_image_is_constant_per_label():
+    subject, labels = _subject()
+    rng = np.random.default_rng(3)
+    synthesiser = Synthesiser(QUIET)
+    generation = synthesiser.labels(subject, rng, (32, 32, 32))
+    np.testing.assert_array_equal(generation[0, 0].numpy(), subject.generation[0, 0].numpy())
+    image = synthesiser.image(generation, subject.structures, rng)[0, 0].numpy()
+    for value in np.unique(generation.numpy()):
+        inside = image[generation[0, 0].numpy() == value]
+        assert inside.max() - inside.min() < 1e-5  # one intensity per generation label
+    _, _, moving_structures, _ = synthesiser.pair(subject, subject, rng, (32, 32, 32))
+    np.testing.assert_array_equal(moving_structures[0, 0].numpy(), labels)
+
+
+def test_deformed_structures_match_the_deformed_generation_map_and_the_image_follows_them():
+    subject, _ = _subject()
+    settings = SynthSettings(head_probability=1.0, blur_sd=0, bias_sd=0, noise_sd=0, label_sd=0, gamma_sd=0,
+                             thick_slice_probability=0, background_zero_probability=0)
+    synthesiser = Synthesiser(settings)
+    rng = np.random.default_rng(5)
+    generation = synthesiser.labels(subject, rng, (16, 16, 16))
+    still = Synthesiser(QUIET).labels(subject, np.random.default_rng(5), (16, 16, 16))
+    assert (generation != still).float().mean() > 0.05  # it moved
+    values = np.unique(generation.numpy())
+    assert set(range(1, 1 + HEAD_LAYERS)) & set(values)  # head layers were drawn
+    image = synthesiser.image(generation, subject.structures, rng)[0, 0].numpy()
+    g = generation[0, 0].numpy()
+    for value in values:
+        inside = image[g == value]
+        assert inside.max() - inside.min() < 1e-5
+    # the pair's structure maps are the generation maps' structures
+    rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
+    _, _, m_structures, _ = synthesiser.pair(subject, subject, rng_a, (16, 16, 16))
+    g = synthesiser.labels(subject, rng_b, (16, 16, 16))[0, 0].numpy()
+    expected = np.where(g > HEAD_LAYERS, (g - 1 - HEAD_LAYERS) // TISSUES, 0)
+    np.testing.assert_array_equal(m_structures[0, 0].numpy(), expected)
+
+
+def test_same_seed_same_pair_other_seed_other_pair():
+    subject, _ = _subject()
+    synthesiser = Synthesiser()
+    a = synthesiser.pair(subject, subject, np.random.default_rng([0, 7]), (16, 16, 16))
+    b = synthesiser.pair(subject, subject, np.random.default_rng([0, 7]), (16, 16, 16))
+    c = synthesiser.pair(subject, subject, np.random.default_rng([0, 8]), (16, 16, 16))
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0], c[0])
+    assert 0 <= float(a[0].min()) and float(a[0].max()) <= 1
+
+
+def test_bad_label_maps_are_one_line_errors():
+    image, labels = phantom((16, 16, 16))
+    with pytest.raises(InputError, match="empty"):
+        make_subject("E", to_image(image), to_image(np.zeros_like(labels)), [1, 2, 3])
+    with pytest.raises(InputError, match="outside the synthesis label set"):
+        make_subject("X", to_image(image), to_image(labels), [1, 2])
+    with pytest.raises(InputError, match="another grid"):
+        make_subject("G", to_image(image), to_image(labels, spacing=(2.0, 2.0, 2.0)), [1, 2, 3])
+
+
+def test_contrast_variants_reorder_tissues_as_named():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, (12, 12, 12))  # background, CSF, grey, white
+    t1 = np.choose(truth, [0.0, 0.25, 0.55, 0.85]).astype(np.float32)
+    mean = {kind: [variants.remap_contrast(t1, kind)[truth == c].mean() for c in range(4)]
+            for kind in ("t2", "flair", "inverted")}
+    bg, csf, grey, white = mean["t2"]
+    assert csf > grey > white > bg
+    bg, csf, grey, white = mean["flair"]
+    assert grey > white > csf and bg <= csf
+    assert mean["inverted"] == sorted(mean["inverted"], reverse=True)
+    monotone = variants.remap_contrast(t1, "monotone", seed=2)
+    means = [monotone[truth == c].mean() for c in range(4)]
+    assert means == sorted(means)
+
+
+def test_head_variant_changes_only_the_outside_of_the_brain():
+    image = np.zeros((24, 24, 24), np.float32)
+    image[6:18, 6:18, 6:18] = 0.6
+    brain = sitk.GetImageFromArray((image > 0).astype(np.uint8))
+    distance = np.clip(sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(brain, insideIsPositive=False,
+                                                                           squaredDistance=False)), 0, None)
+    head = variants.variant(image, "head", distance, seed=1)
+    assert head[distance > 6].max() > 0.5  # scalp drawn
+    inside = head[8:16, 8:16, 8:16]
+    assert inside.std() < 0.05 * inside.mean() + 0.05  # brain kept (up to noise and blur)
