@@ -71,13 +71,14 @@ class ResizeTransform(nn.Module):
         return self.factor * F.interpolate(flow, size=size, mode="trilinear", align_corners=False)
 
 
-def sample_at(volume: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def sample_at(volume: torch.Tensor, index: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
     """Trilinear samples of ``volume`` (1, C, D, H, W) at continuous voxel indices ``index``
-    (..., 3) given as (i, j, k) = (W, H, D) order; zero outside. Returns (C, ...)."""
+    (..., 3) given as (i, j, k) = (W, H, D) order; outside: zero, or the nearest edge value with
+    ``padding="border"``. Returns (C, ...)."""
     shape = volume.shape[2:]
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape[::-1]], dtype=index.dtype, device=index.device)
     grid = (index * scale - 1.0).reshape(1, 1, 1, -1, 3)
-    out = F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode=padding, align_corners=True)
     return out.reshape(volume.shape[1], *index.shape[:-1])
 
 

@@ -1,13 +1,22 @@
-"""Preprocessing: intensity normalisation, affine pre-alignment, the network's working grid."""
+"""Preprocessing shared by training and inference: working grid, resampling, intensity normalisation,
+affine pre-alignment.
+
+Every image the network sees, in training or registration, goes through ``prepare``: resampled
+(linear) onto an LPS-aligned working grid of WORKING_SPACING_MM (whatever the stored orientation,
+spacing or extent), the outside filled with the image's own background level, then normalised.
+"""
 
 from collections.abc import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import Cancelled
+from . import images
+from .errors import Cancelled, InputError
 
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
+WORKING_SPACING_MM = 1.0
+GRID_MULTIPLE = 16  # the UNet's four poolings
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -25,6 +34,45 @@ def normalise(array: np.ndarray) -> np.ndarray:
     return np.clip((array - lower) / (upper - lower), 0.0, 1.0)
 
 
+def background_value(array: np.ndarray) -> float:
+    """The image's background level: its lower normalisation percentile (0 for MR, about -1000 for CT)."""
+    return float(np.percentile(array, LOWER_PERCENTILE))
+
+
+def level_factor(spacing_mm: float) -> int:
+    """Pooling factor from the working grid to a network level of ``spacing_mm`` (a whole multiple)."""
+    factor = spacing_mm / WORKING_SPACING_MM
+    if round(factor) < 1 or abs(factor - round(factor)) > 1e-3:
+        raise InputError(f"network spacing {spacing_mm} mm must be a whole multiple of the working spacing "
+                         f"{WORKING_SPACING_MM} mm")
+    return round(factor)
+
+
+def grid_for(image: sitk.Image, mask: np.ndarray | None, spacing_mm: float, margin_mm: float = 4.0) -> sitk.Image:
+    """The working grid of an image: LPS-aligned, WORKING_SPACING_MM, around ``mask`` (the whole image
+    when None) plus ``margin_mm``, each size a multiple of the network level's pooling."""
+    if mask is None:
+        mask = np.ones(image.GetSize()[::-1], dtype=bool)
+    multiple = GRID_MULTIPLE * level_factor(spacing_mm)
+    return images.working_grid(image, mask, WORKING_SPACING_MM, multiple, margin_mm)
+
+
+def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
+             labels: bool = False) -> sitk.Image:
+    """``image`` on ``grid`` through ``transform`` (grid point -> image point): linear float32 with the
+    image's background level outside, or nearest-neighbour int32 with 0 outside for ``labels``."""
+    transform = transform or sitk.Transform()
+    if labels:
+        return sitk.Resample(image, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+    fill = background_value(sitk.GetArrayViewFromImage(image))
+    return sitk.Resample(image, grid, transform, sitk.sitkLinear, fill, sitk.sitkFloat32)
+
+
+def prepare(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+    """The network's view of an image on the working grid: resampled, normalised, (K, J, I) float32."""
+    return normalise(sitk.GetArrayFromImage(resample(image, grid, transform)))
+
+
 def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
     """Voxels brighter than ``fraction`` of the robust intensity range, (K, J, I) bool."""
     return normalise(sitk.GetArrayFromImage(image)) > fraction
@@ -34,14 +82,15 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image,
                  progress: Callable[[str, float], None] | None = None, iterations: int = 100) -> sitk.AffineTransform:
     """Affine transform mapping fixed-space points to moving-space points (ITK resampling direction).
 
-    Moments initialisation, then Mattes mutual information on every voxel of 4x shrunk, 2 mm
+    Moments initialisation on normalised copies (moments of raw CT or z-scored MR intensities mean
+    nothing), then Mattes mutual information on every voxel of 4x shrunk, 2 mm
     smoothed images (deterministic: no random sampling), regular-step gradient descent with
     physical-shift scales.
     """
-    f = sitk.Cast(fixed, sitk.sitkFloat32)
-    m = sitk.Cast(moving, sitk.sitkFloat32)
-    transform = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
-                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+    moments = sitk.CenteredTransformInitializerFilter.MOMENTS
+    transform = sitk.CenteredTransformInitializer(_normalised_copy(fixed), _normalised_copy(moving),
+                                                  sitk.AffineTransform(3), moments)
+    f, m = (sitk.Cast(image, sitk.sitkFloat32) for image in (fixed, moving))
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.NONE)
@@ -68,3 +117,9 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image,
     if cancelled:
         raise cancelled[0]
     return transform
+
+
+def _normalised_copy(image: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(normalise(sitk.GetArrayViewFromImage(image)))
+    out.CopyInformation(image)
+    return out

@@ -14,12 +14,12 @@ from .devices import pick_device
 from .errors import InputError
 from .layers import displacement_from_velocity, downsample, sample_at
 from .models import load_model, resolve_model, versions
-from .preprocess import affine_align, foreground_mask, normalise
+from .preprocess import WORKING_SPACING_MM, affine_align, foreground_mask, grid_for, level_factor, prepare
 from .refine import refine
 
-WORKING_SPACING_MM = 1.0
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
 COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
+TAPER_MM = 20.0  # outside the working grid the deformation fades to zero over this distance
 
 
 @dataclass
@@ -91,12 +91,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
     clock("resample")
     spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
-    factor = round(spacing / WORKING_SPACING_MM)
-    grid = images.working_grid(fixed, foreground_mask(fixed), WORKING_SPACING_MM, 16 * factor)
-    fixed_w = sitk.Resample(fixed, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    moving_w = sitk.Resample(moving, grid, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    f = torch.from_numpy(normalise(sitk.GetArrayFromImage(fixed_w)))[None, None]
-    m = torch.from_numpy(normalise(sitk.GetArrayFromImage(moving_w)))[None, None]
+    factor = level_factor(spacing)
+    fixed_foreground = foreground_mask(fixed)
+    grid = grid_for(fixed, fixed_foreground, spacing)
+    f = torch.from_numpy(prepare(fixed, grid))[None, None]
+    m = torch.from_numpy(prepare(moving, grid, transform))[None, None]
 
     try:
         flow, used = _deform(net, record, f, m, factor, refine_steps, torch_device, clock)
@@ -120,7 +119,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     det = metrics.jacobian_determinant(vectors, images.index_to_physical(fixed)[:3, :3])
     jacobian = sitk.GetImageFromArray(det)
     jacobian.CopyInformation(fixed)
-    mask = (sitk.GetArrayViewFromImage(fixed_labels) > 0) if fixed_labels is not None else foreground_mask(fixed)
+    mask = (sitk.GetArrayViewFromImage(fixed_labels) > 0) if fixed_labels is not None else fixed_foreground
     report = {
         "device": str(used), "model": record.get("name", "none"), "model_sha256": record.get("sha256"),
         "refine_steps": refine_steps, "affine": affine,
@@ -170,16 +169,27 @@ def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed
     """One displacement field on the fixed grid (LPS mm): x -> A(x + d(x)), minus x.
 
     ``flow`` is the deformable part d in voxels of ``grid`` (channels dk, dj, di), sampled
-    trilinearly at the fixed voxel centres; outside ``grid`` d is zero and only the affine part remains.
+    trilinearly at the fixed voxel centres. Outside ``grid`` d keeps its edge value and fades
+    smoothly to zero over TAPER_MM, so the field has no seam at the working grid's border.
     """
     vectors = torch.from_numpy(images.voxel_flow_to_physical(flow, grid).astype(np.float32))
     index = torch.from_numpy(images.index_in(grid, fixed).astype(np.float32))
-    deformable = sample_at(vectors.permute(3, 0, 1, 2)[None].contiguous(), index).permute(1, 2, 3, 0).numpy()
+    deformable = sample_at(vectors.permute(3, 0, 1, 2)[None].contiguous(), index, "border").permute(1, 2, 3, 0)
+    deformable = (deformable * _taper(index, grid)[..., None]).numpy()
     matrix = images.affine_matrix(transform)
     # A (x + d) + b - x  =  A d + (A - I) x + b
     total = (deformable.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T).reshape(deformable.shape)
     total += images.affine_field(matrix - np.eye(4), fixed)
     return images.displacement_image(total, fixed)
+
+
+def _taper(index: torch.Tensor, grid: sitk.Image) -> torch.Tensor:
+    """Weight (K, J, I): 1 inside ``grid``'s extent, smoothly (C1) down to 0 at TAPER_MM outside it."""
+    size = torch.tensor(grid.GetSize(), dtype=index.dtype)
+    spacing = torch.tensor(grid.GetSpacing(), dtype=index.dtype)
+    outside = torch.maximum(-0.5 - index, index - (size - 0.5)).clamp_min(0) * spacing  # mm beyond each face
+    t = (1 - outside.norm(dim=-1) / TAPER_MM).clamp(0, 1)
+    return t * t * (3 - 2 * t)
 
 
 def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from . import losses, metrics, variants
 from .errors import Cancelled, InputError
 from .files import atomic_path
-from .images import check_image, read_image, same_grid
+from .images import check_image, check_labels, read_image
 from .layers import ResizeTransform, SpatialTransformer, downsample
 from .models import load_model, resolve_model, save_model
 from .networks import VxmDense
-from .preprocess import normalise
+from .preprocess import grid_for, level_factor, prepare, resample
 from .synth import Synthesiser, SynthSubject, make_subject
 
 
@@ -65,41 +65,23 @@ class Subject:
     labels: np.ndarray | None  # full-resolution label map, for validation Dice
 
 
-def _factor(image: sitk.Image, spacing_mm: float) -> int:
-    spacing = np.array(image.GetSpacing())
-    factor = spacing_mm / spacing
-    if not np.allclose(factor, np.round(factor[0]), atol=1e-3) or round(factor[0]) < 1:
-        raise InputError(f"training spacing {spacing_mm} mm must be a whole multiple of the image spacing "
-                         f"{tuple(spacing)}")
-    return round(factor[0])
-
-
-def load_subject(image_path: str, label_path: str | None, label_set: list[int], spacing_mm: float,
-                 reference: sitk.Image | None) -> Subject:
-    """Read, check, normalise and downsample one subject (images must share one aligned grid)."""
+def load_subject(image_path: str, label_path: str | None, label_set: list[int], grid: sitk.Image, factor: int,
+                 for_synthesis: bool = False) -> tuple[Subject, SynthSubject | None]:
+    """Read and check one subject and put it through ``prepare`` on the training grid (as registration
+    does), downsampled to the network level; with ``for_synthesis`` also its synthesis label map."""
     image = check_image(read_image(image_path, "training image"), f"training image {image_path}")
-    if reference is not None and not same_grid(image, reference):
-        raise InputError(f"{image_path} is not on the grid of the other training images: training expects "
-                         "images already affinely aligned and resampled to one grid")
-    factor = _factor(image, spacing_mm)
-    array = torch.from_numpy(normalise(sitk.GetArrayFromImage(image)))[None, None]
-    small = downsample(array, factor)
-    _check_multiple(small.shape[2:], image_path)
-    labels = soft = None
+    name = Path(image_path).name.split(".")[0]
+    small = downsample(torch.from_numpy(prepare(image, grid))[None, None], factor)
+    labels = soft = synthetic = None
     if label_path is not None:
-        label_image = read_image(label_path, "training labels")
-        if not same_grid(label_image, image):
-            raise InputError(f"{label_path} is on another grid than {image_path}")
-        labels = sitk.GetArrayFromImage(label_image).astype(np.int16)
-        onehot = torch.stack([torch.from_numpy(labels == i) for i in label_set]).float()[None]
-        soft = downsample(onehot, factor)
-        soft = (soft * 255).round().to(torch.uint8)
-    return Subject(Path(image_path).name.split(".")[0], small.contiguous(), soft, labels)
-
-
-def _check_multiple(shape: tuple[int, ...], path: str) -> None:
-    if any(n % 16 for n in shape):
-        raise InputError(f"{path}: size at the training spacing {tuple(shape)} must be a multiple of 16")
+        label_image = check_labels(read_image(label_path, "training labels"), image, f"labels {label_path}")
+        on_grid = resample(label_image, grid, labels=True)
+        labels = sitk.GetArrayFromImage(on_grid)
+        soft = torch.cat([(downsample(torch.from_numpy(labels == i).float()[None, None], factor) * 255).round()
+                          .to(torch.uint8) for i in label_set], dim=1)
+        if for_synthesis:
+            synthetic = make_subject(name, resample(image, grid), on_grid, label_set)
+    return Subject(name, small.contiguous(), soft, labels), synthetic
 
 
 def random_affine(rng: np.random.Generator, rotation_deg: float = 4.0, scale: float = 0.04,
@@ -182,34 +164,29 @@ class Trainer:
         for path in all_labels:
             self.label_set = sorted(set(self.label_set) | set(metrics.label_ids(
                 sitk.GetArrayFromImage(read_image(path, "labels")))))
-        reference = check_image(read_image(c.images[0], "training image"))
-        self.factor = _factor(reference, c.spacing_mm)
+        self.factor = level_factor(c.spacing_mm)
+        # one training grid for all subjects: the working grid of the first image, over its whole extent
+        self.grid = grid_for(check_image(read_image(c.images[0], "training image")), None, c.spacing_mm, 0.0)
         self.progress("decoding", 0.0)
 
-        def load(paths: list[str], label_paths: list[str] | None) -> list[Subject]:
-            subjects = []
+        def load(paths: list[str], label_paths: list[str] | None) -> tuple[list[Subject], list[SynthSubject]]:
+            subjects, synthetic = [], []
             for n, path in enumerate(paths):
                 label = label_paths[n] if label_paths else None
-                subjects.append(load_subject(path, label, self.label_set, c.spacing_mm, reference))
-            return subjects
+                subject, generation = load_subject(path, label, self.label_set, self.grid, self.factor,
+                                                   for_synthesis=label is not None)
+                subjects.append(subject)
+                if generation is not None:
+                    synthetic.append(generation)
+            return subjects, synthetic
 
-        self.train_subjects = load(c.images, c.labels)
-        self.val_subjects = load(c.val_images, c.val_labels)
-        self.atlas = load([c.atlas], [c.atlas_labels] if c.atlas_labels else None)[0] if c.atlas else None
-        self.synth_subjects = self._synth_subjects(c.images, c.labels) if c.synth_fraction > 0 else []
-        if c.synth_fraction > 0 and c.atlas and c.atlas_labels:
-            self.synth_subjects += self._synth_subjects([c.atlas], [c.atlas_labels])
-        # outside-brain distance of validation subjects, for the validation variant with a head
-        self.val_distance = {s.name: downsample(v.distance, self.factor) for s, v in zip(
-            self.val_subjects + ([self.atlas] if self.atlas else []), self._synth_subjects(
-                c.val_images + ([c.atlas] if c.atlas else []),
-                (c.val_labels or []) + ([c.atlas_labels] if c.atlas_labels else [])), strict=False)}
-
-    def _synth_subjects(self, image_paths: list[str], label_paths: list[str] | None) -> list[SynthSubject]:
-        if not label_paths or len(label_paths) != len(image_paths):
-            return []
-        return [make_subject(Path(i).name.split(".")[0], read_image(i, "training image"), read_image(lab, "labels"),
-                             self.label_set) for i, lab in zip(image_paths, label_paths, strict=True)]
+        self.train_subjects, self.synth_subjects = load(c.images, c.labels)
+        self.val_subjects, val_synthetic = load(c.val_images, c.val_labels)
+        atlas, atlas_synthetic = load([c.atlas], [c.atlas_labels] if c.atlas_labels else None) if c.atlas else ([], [])
+        self.atlas = atlas[0] if atlas else None
+        self.synth_subjects += atlas_synthetic
+        # outside-brain distance at the network level, for the validation variant with a head
+        self.val_distance = {g.name: downsample(g.distance, self.factor) for g in val_synthetic + atlas_synthetic}
 
     def sample(self, iteration: int) -> tuple[torch.Tensor, ...]:
         """The training pair of an iteration, reproducible from (seed, iteration)."""

@@ -1,0 +1,113 @@
+"""The one preprocessing path (``prepare``) shared by training and registration, and the seamless field."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import phantom, to_image
+from SlicerVoxelMorphLib import images
+from SlicerVoxelMorphLib.errors import InputError
+from SlicerVoxelMorphLib.preprocess import affine_align, grid_for, level_factor, prepare
+from SlicerVoxelMorphLib.register import TAPER_MM, compose
+from SlicerVoxelMorphLib.train import load_subject
+
+RAS_DIRECTION = np.diag([-1.0, -1.0, 1.0])
+
+
+def _storages(array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> dict[str, sitk.Image]:
+    """One physical image stored three ways: LPS (identity direction), RAS (i and j flipped), permuted axes."""
+    lps = to_image(array, spacing, (-10.0, 4.0, 2.0))
+    extent = (np.array(array.shape[::-1]) - 1) * spacing  # (i, j, k) extent in mm
+    ras = to_image(np.ascontiguousarray(array[:, ::-1, ::-1]), spacing,
+                   (-10.0 + extent[0], 4.0 + extent[1], 2.0), RAS_DIRECTION)
+    # array axes (k, j, i) -> (i, j, k): the new index (i', j', k') = (k, j, i)
+    permuted_direction = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], float)
+    permuted = to_image(np.ascontiguousarray(array.transpose(2, 1, 0)), spacing[::-1], (-10.0, 4.0, 2.0),
+                        permuted_direction)
+    return {"lps": lps, "ras": ras, "permuted": permuted}
+
+
+def test_storages_are_one_physical_image():
+    image, _ = phantom((20, 24, 18))
+    stored = _storages(image)
+    points = [(-5.0, 10.0, 9.0), (3.3, 20.1, 12.7)]
+    for other in ("ras", "permuted"):
+        for p in points:
+            a = stored["lps"].EvaluateAtPhysicalPoint(p, sitk.sitkLinear)
+            b = stored[other].EvaluateAtPhysicalPoint(p, sitk.sitkLinear)
+            assert a == pytest.approx(b, abs=1e-3)
+
+
+def test_prepare_gives_identical_network_input_for_ras_lps_and_permuted_storage():
+    image, _ = phantom((20, 24, 18))
+    stored = _storages(image)
+    outs = {}
+    for name, im in stored.items():
+        grid = grid_for(im, None, 2.0)
+        outs[name] = (grid.GetSize(), grid.GetOrigin(), prepare(im, grid))
+    for name in ("ras", "permuted"):
+        assert outs[name][0] == outs["lps"][0]
+        np.testing.assert_allclose(outs[name][1], outs["lps"][1], atol=1e-6)
+        np.testing.assert_allclose(outs[name][2], outs["lps"][2], atol=1e-5)
+
+
+def test_training_sees_a_ras_stored_subject_as_registration_sees_its_lps_copy(tmp_path):
+    image, labels = phantom((32, 32, 32))
+    stored = _storages(image)
+    ras_labels = _storages(labels.astype(np.int16))["ras"]
+    sitk.WriteImage(stored["ras"], str(tmp_path / "ras.nii.gz"))
+    sitk.WriteImage(ras_labels, str(tmp_path / "ras_labels.nii.gz"))
+    grid = grid_for(stored["lps"], None, 2.0, 0.0)
+    subject, _ = load_subject(str(tmp_path / "ras.nii.gz"), str(tmp_path / "ras_labels.nii.gz"), [1, 2, 3],
+                              grid, 2)
+    network_input = torch.nn.functional.avg_pool3d(torch.from_numpy(prepare(stored["lps"], grid))[None, None], 2)
+    torch.testing.assert_close(subject.image, network_input, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(subject.labels, labels)  # the LPS array, not the stored RAS one
+
+
+def test_padding_uses_the_background_level_not_zero():
+    # a CT-like image: air at -1000 HU, a water-like body at 0 HU, a bone-like core at 800
+    array = np.full((20, 20, 20), -1000.0, np.float32)
+    array[4:16, 4:16, 4:16] = 0.0
+    array[8:12, 8:12, 8:12] = 800.0
+    image = to_image(array)
+    grid = images.working_grid(image, np.ones(array.shape, bool), 1.0, 16, margin_mm=8.0)  # beyond the image
+    out = prepare(image, grid)
+    assert out[0, 0, 0] == 0.0  # outside the image: like air, not like the body (which is ~0.56)
+    assert out[grid.GetSize()[2] // 2, grid.GetSize()[1] // 2, grid.GetSize()[0] // 2] == pytest.approx(1.0)
+
+
+def test_level_factor_accepts_whole_millimetres_only():
+    assert level_factor(2.0) == 2
+    with pytest.raises(InputError, match="whole multiple"):
+        level_factor(1.5)
+
+
+def test_affine_initialisation_works_on_ct_intensities():
+    # moments of raw HU (air -1000 is negative mass) point nowhere; normalised they find the shift
+    array = np.full((40, 40, 40), -1000.0, np.float32)
+    array[10:30, 12:28, 10:26] = 40.0
+    array[14:20, 16:22, 14:20] = 900.0
+    fixed = to_image(array)
+    moving = to_image(np.roll(array, (4, -2, 3), axis=(0, 1, 2)))  # the body moved by (3, -2, 4) mm in its FOV
+    transform = affine_align(fixed, moving, iterations=0)
+    matrix = images.affine_matrix(transform)
+    np.testing.assert_allclose(matrix[:3, 3], [3.0, -2.0, 4.0], atol=0.5)
+
+
+def test_composed_field_has_no_seam_at_the_working_grid_border():
+    fixed = to_image(np.zeros((100, 100, 100), np.float32))
+    # a working grid covering only the middle of the fixed image: 10 coarse voxels of 2 mm, 39.5..59.5 mm
+    grid = sitk.Image([10, 10, 10], sitk.sitkFloat32)
+    grid.SetSpacing([2.0] * 3)
+    grid.SetOrigin([40.5] * 3)
+    flow = np.zeros((3, 10, 10, 10), np.float32)
+    flow[2] = 1.0  # one coarse voxel = 2 mm along i everywhere
+    field = sitk.GetArrayFromImage(compose(flow, grid, sitk.AffineTransform(3), fixed))
+    ux = field[..., 0]
+    assert ux[50, 50, 50] == pytest.approx(2.0, abs=1e-5)  # inside the grid: the flow
+    assert ux[50, 50, 40] == pytest.approx(2.0, abs=0.05)  # just outside: still the edge value
+    assert ux[50, 50, 5] == 0.0 and ux[50, 50, 90] == 0.0  # beyond the taper: affine only (identity here)
+    steps = np.abs(np.diff(ux, axis=2)).max()
+    assert steps < 2.0 * 1.5 / TAPER_MM + 1e-3  # a smooth fade, no jump at the border (was ~1 mm per voxel)
