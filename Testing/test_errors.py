@@ -129,3 +129,21 @@ def test_cuda_request_without_gpu_is_a_clear_error(files, tmp_path, capsys):
         pytest.skip("a GPU is present")
     _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none",
                            "--device", "cuda", "--out", str(tmp_path / "o")], "cuda")
+
+
+def test_overwrite_removes_the_earlier_runs_outputs(files, tmp_path):
+    out = tmp_path / "o"
+    base = ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none", "--refine", "1",
+            "--quiet", "--out", str(out)]
+    assert main([*base, "--fixed-labels", files["fixed_labels"], "--moving-labels", files["moving_labels"]]) == 0
+    assert (out / "warped_labels.nii.gz").is_file()
+    assert main([*base, "--overwrite"]) == 0  # no labels this time
+    assert not (out / "warped_labels.nii.gz").exists()  # the stale label warp is gone
+    assert "mean_dice_after" not in (out / "report.json").read_text()
+
+
+def test_a_failed_run_leaves_no_output_folder_and_no_partial_files(files, tmp_path, capsys):
+    out = tmp_path / "never"
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model",
+                           str(tmp_path / "missing.pt"), "--out", str(out)], "not found")
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))

@@ -1,8 +1,13 @@
-"""Atomic file output: a run that stops midway leaves no half-written file."""
+"""Atomic file output: a run that stops midway leaves no half-written file and no stale one."""
 
-from collections.abc import Iterator
+import shutil
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+RUN_OUTPUTS = ("warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "jacobian.nii.gz",
+               "warped_labels.nii.gz", "report.json", "report.png")
 
 
 @contextmanager
@@ -17,3 +22,44 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield a hidden staging folder beside ``out``; when the block succeeds, every known output of an
+    earlier run is removed from ``out`` and the staged files move in, so the folder never mixes two
+    runs. When it fails, the staging folder is removed and ``out`` is left as it was."""
+    out = Path(out)
+    stage = out.parent / f".{out.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        out.mkdir(parents=True, exist_ok=True)
+        for name in RUN_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+        for path in sorted(stage.iterdir()):
+            path.replace(out / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+class Background:
+    """Run ``function(*args)`` in a thread; ``join`` waits and re-raises its exception, if any."""
+
+    def __init__(self, function: Callable, *args) -> None:
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                function(*args)
+            except BaseException as exc:  # handed to the caller in join
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error

@@ -3,6 +3,8 @@
 SimpleITK images live in physical LPS millimetres. Slicer works in RAS with arrays indexed (K, J, I).
 """
 
+import gzip
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,19 +104,19 @@ def array_kji(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image)
 
 
-def affine_field(matrix: np.ndarray, image: sitk.Image) -> np.ndarray:
+def affine_field(matrix: np.ndarray, image: sitk.Image, dtype: type = np.float64) -> np.ndarray:
     """``matrix`` (4x4) applied to the LPS point of every voxel centre of ``image``, shape (K, J, I, 3).
 
     Built as a sum of one broadcast term per axis, so no (K, J, I, 4) coordinate array is made.
     """
     linear = matrix @ index_to_physical(image)
     size = image.GetSize()
-    field = np.empty((*size[::-1], 3))
+    field = np.empty((*size[::-1], 3), dtype=dtype)
     field[...] = linear[:3, 3]
     for axis, n in enumerate(size):  # i, j, k -> array axes 2, 1, 0
         shape = [1, 1, 1, 3]
         shape[2 - axis] = n
-        field += (np.arange(n)[:, None] * linear[:3, axis]).reshape(shape)
+        field += (np.arange(n)[:, None] * linear[:3, axis]).reshape(shape).astype(dtype)
     return field
 
 
@@ -128,9 +130,9 @@ def downsampled_grid(grid: sitk.Image, factor: int) -> sitk.Image:
     return coarse
 
 
-def index_in(source: sitk.Image, target: sitk.Image) -> np.ndarray:
+def index_in(source: sitk.Image, target: sitk.Image, dtype: type = np.float64) -> np.ndarray:
     """Continuous index (i, j, k) in ``source`` of every voxel centre of ``target``, shape (K, J, I, 3)."""
-    return affine_field(np.linalg.inv(index_to_physical(source)), target)
+    return affine_field(np.linalg.inv(index_to_physical(source)), target, dtype)
 
 
 def physical_points(image: sitk.Image) -> np.ndarray:
@@ -143,17 +145,31 @@ def vectors_to_ras(vectors_lps: np.ndarray) -> np.ndarray:
     return vectors_lps * LPS_TO_RAS.diagonal()[:3]
 
 
-def displacement_image(vectors_kji: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    """Vector image (float64, LPS mm) with the geometry of ``reference`` from a (K, J, I, 3) array."""
-    field = sitk.GetImageFromArray(vectors_kji.astype(np.float64), isVector=True)
+def displacement_image(vectors_kji: np.ndarray, reference: sitk.Image, dtype: type = np.float64) -> sitk.Image:
+    """Vector image (LPS mm) with the geometry of ``reference`` from a (K, J, I, 3) array."""
+    field = sitk.GetImageFromArray(vectors_kji.astype(dtype, copy=False), isVector=True)
     field.CopyInformation(reference)
     return field
 
 
-def write_image(image: sitk.Image, path: str | Path) -> None:
-    """Write atomically: to a temporary name in the same folder, then rename."""
+def write_image(image: sitk.Image, path: str | Path, compression: int = 1) -> None:
+    """Write atomically: to a temporary name in the same folder, then rename.
+
+    A ``.gz`` file is gzip-compressed at level ``compression`` (0 = stored, fastest; 1 = fast, the
+    default; 9 = smallest): SimpleITK writes it uncompressed and Python's gzip compresses it.
+    """
+    path = Path(path)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        if path.suffix != ".gz":
+            sitk.WriteImage(image, str(tmp), useCompression=compression > 0)
+            return
+        plain = tmp.with_suffix("")  # .name.partial.nii beside .name.partial.nii.gz
+        try:
+            sitk.WriteImage(image, str(plain), useCompression=False)
+            with open(plain, "rb") as source, gzip.open(tmp, "wb", compresslevel=compression) as target:
+                shutil.copyfileobj(source, target, 1 << 24)
+        finally:
+            plain.unlink(missing_ok=True)
 
 
 def voxel_flow_to_physical(flow: np.ndarray, image: sitk.Image) -> np.ndarray:

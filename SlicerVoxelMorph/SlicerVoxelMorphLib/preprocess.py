@@ -26,9 +26,20 @@ def normalise(array: np.ndarray) -> np.ndarray:
     background around an object does not change the scaling.
     """
     array = np.asarray(array, dtype=np.float32)
+    return scale_to_window(array, *intensity_window(array))
+
+
+def intensity_window(array: np.ndarray) -> tuple[float, float]:
+    """(lower, upper) intensities that ``normalise`` maps to 0 and 1."""
     lower = np.percentile(array, LOWER_PERCENTILE)
     above = array[array > lower]
     upper = np.percentile(above, UPPER_PERCENTILE) if above.size else lower
+    return float(lower), float(upper)
+
+
+def scale_to_window(array: np.ndarray, lower: float, upper: float) -> np.ndarray:
+    """Map ``lower`` -> 0 and ``upper`` -> 1, clipped to [0, 1] (float32); zeros for an empty window."""
+    array = np.asarray(array, dtype=np.float32)
     if upper <= lower:
         return np.zeros_like(array)
     return np.clip((array - lower) / (upper - lower), 0.0, 1.0)

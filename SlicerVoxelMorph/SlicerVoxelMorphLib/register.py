@@ -27,7 +27,7 @@ class RegistrationResult:
     """Everything ``register`` produces; images are on the fixed image's grid."""
 
     warped: sitk.Image
-    displacement: sitk.Image  # vector float64, LPS mm: fixed point x maps to x + u(x) in the moving image
+    displacement: sitk.Image  # vector float32, LPS mm: fixed point x maps to x + u(x) in the moving image
     jacobian: sitk.Image
     warped_labels: sitk.Image | None
     report: dict = field(default_factory=dict)
@@ -108,11 +108,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     displacement = compose(flow, images.downsampled_grid(grid, factor), transform, fixed)
 
     clock("warp")
-    warped = sitk.Resample(moving, fixed, _field_transform(displacement), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    field_transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    warped = sitk.Resample(moving, fixed, field_transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     warped_labels = None
     if moving_labels is not None:
-        warped_labels = sitk.Resample(moving_labels, fixed, _field_transform(displacement),
-                                      sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+        warped_labels = sitk.Resample(moving_labels, fixed, field_transform, sitk.sitkNearestNeighbor, 0,
+                                      sitk.sitkInt32)
 
     clock("metrics")
     vectors = sitk.GetArrayViewFromImage(displacement)
@@ -173,14 +174,15 @@ def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed
     smoothly to zero over TAPER_MM, so the field has no seam at the working grid's border.
     """
     vectors = torch.from_numpy(images.voxel_flow_to_physical(flow, grid).astype(np.float32))
-    index = torch.from_numpy(images.index_in(grid, fixed).astype(np.float32))
+    index = torch.from_numpy(images.index_in(grid, fixed, np.float32))
     deformable = sample_at(vectors.permute(3, 0, 1, 2)[None].contiguous(), index, "border").permute(1, 2, 3, 0)
-    deformable = (deformable * _taper(index, grid)[..., None]).numpy()
+    deformable *= _taper(index, grid)[..., None]
+    del index
     matrix = images.affine_matrix(transform)
-    # A (x + d) + b - x  =  A d + (A - I) x + b
-    total = (deformable.reshape(-1, 3).astype(np.float64) @ matrix[:3, :3].T).reshape(deformable.shape)
-    total += images.affine_field(matrix - np.eye(4), fixed)
-    return images.displacement_image(total, fixed)
+    # A (x + d) + b - x  =  A d + (A - I) x + b, in float32 (|error| < 1e-4 mm for points within 1 m)
+    total = deformable @ torch.from_numpy(matrix[:3, :3].T.astype(np.float32))
+    total += torch.from_numpy(images.affine_field(matrix - np.eye(4), fixed, np.float32))
+    return images.displacement_image(total.numpy(), fixed, np.float32)
 
 
 def _taper(index: torch.Tensor, grid: sitk.Image) -> torch.Tensor:
@@ -190,11 +192,6 @@ def _taper(index: torch.Tensor, grid: sitk.Image) -> torch.Tensor:
     outside = torch.maximum(-0.5 - index, index - (size - 0.5)).clamp_min(0) * spacing  # mm beyond each face
     t = (1 - outside.norm(dim=-1) / TAPER_MM).clamp(0, 1)
     return t * t * (3 - 2 * t)
-
-
-def _field_transform(displacement: sitk.Image) -> sitk.DisplacementFieldTransform:
-    """A DisplacementFieldTransform over a copy (the transform takes over the image's buffer)."""
-    return sitk.DisplacementFieldTransform(sitk.Image(displacement))
 
 
 def _dice_report(fixed_labels: sitk.Image, moving_labels: sitk.Image, warped_labels: sitk.Image,

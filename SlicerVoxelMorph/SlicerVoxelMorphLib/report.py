@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from . import images
 from .files import atomic_path
-from .preprocess import normalise
+from .preprocess import intensity_window, scale_to_window
 
 GRID_EVERY = 6  # voxels between drawn grid lines
 
@@ -39,16 +39,25 @@ def write_report_png(path: str | Path, fixed: sitk.Image, moving: sitk.Image, wa
     import matplotlib.pyplot as plt
 
     moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    f = normalise(sitk.GetArrayFromImage(fixed))
-    m = normalise(sitk.GetArrayFromImage(moving_on_fixed))
-    w = normalise(sitk.GetArrayFromImage(warped))
-    det = sitk.GetArrayFromImage(jacobian)
-    u = sitk.GetArrayFromImage(displacement) @ np.linalg.inv(images.index_to_physical(fixed)[:3, :3]).T
-    mask = f > 0.05
-    centre = tuple(int(np.mean(a)) for a in np.nonzero(mask)) if mask.any() else tuple(n // 2 for n in f.shape)
+    fixed_array = sitk.GetArrayViewFromImage(fixed)
+    window = intensity_window(fixed_array[::2, ::2, ::2])  # display only: every 8th voxel is enough
+    mask = scale_to_window(fixed_array, *window) > 0.05
+    centre = tuple(int(np.mean(a)) for a in np.nonzero(mask)) if mask.any() else tuple(n // 2 for n in mask.shape)
+
+    def slices(image: sitk.Image, scaled: bool = False) -> list[np.ndarray]:
+        array = sitk.GetArrayViewFromImage(image)
+        cut = [np.array(s) for s in _slices(array, centre)]
+        if scaled:
+            limits = intensity_window(array[::2, ::2, ::2])
+            cut = [scale_to_window(s, *limits) for s in cut]
+        return cut
+
+    f, m, w = slices(fixed, True), slices(moving_on_fixed, True), slices(warped, True)
+    to_index = np.linalg.inv(images.index_to_physical(fixed)[:3, :3]).T
+    u = [s @ to_index for s in slices(displacement)]
     columns = [("fixed", f, "gray", (0, 1)), ("moving", m, "gray", (0, 1)), ("warped", w, "gray", (0, 1)),
-               ("fixed - warped", f - w, "RdBu_r", (-0.5, 0.5)), ("grid on warped", w, "gray", (0, 1)),
-               ("det J", det, "RdBu_r", (0, 2))]
+               ("fixed - warped", [a - b for a, b in zip(f, w, strict=True)], "RdBu_r", (-0.5, 0.5)),
+               ("grid on warped", w, "gray", (0, 1)), ("det J", slices(jacobian), "RdBu_r", (0, 2))]
     has_dice = "labels" in report
     fig = plt.figure(figsize=(16, 9.5 if has_dice else 8))
     rows = 4 if has_dice else 3
@@ -57,10 +66,10 @@ def write_report_png(path: str | Path, fixed: sitk.Image, moving: sitk.Image, wa
         for col, (title, array, cmap, (lo, hi)) in enumerate(columns):
             ax = fig.add_subplot(rows, len(columns), row * len(columns) + col + 1)
             # for an LPS-aligned fixed image: anterior up in the axial row, superior up in the others
-            ax.imshow(_slices(array, centre)[row], cmap=cmap, vmin=lo, vmax=hi,
+            ax.imshow(array[row], cmap=cmap, vmin=lo, vmax=hi,
                       origin="upper" if row == 0 else "lower", interpolation="nearest")
             if title == "grid on warped":
-                _grid_lines(ax, _slices(u, centre)[row], grid_axes[row])
+                _grid_lines(ax, u[row], grid_axes[row])
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title)
