@@ -1,4 +1,4 @@
-"""Command line: ``slicer-voxelmorph register`` and ``slicer-voxelmorph train``."""
+"""Command line: ``slicer-voxelmorph register``, ``apply`` and ``train``."""
 
 import argparse
 import csv
@@ -17,6 +17,14 @@ REGISTER_EXAMPLES = """examples:
 # gzip levels of the .nii.gz outputs (images and label maps, float fields): float32 displacement and
 # Jacobian fields shrink by 10-20 % only (LPBA40 pair: 58 -> 53 MB) at seconds of CPU, so "fast" stores them
 COMPRESSION = {"fast": (1, 0), "small": (9, 9), "none": (0, 0)}
+
+APPLY_EXAMPLES = """examples:
+  slicer-voxelmorph apply --transform result/displacement.nii.gz --input moving_t2.nii.gz \
+      --reference fixed.nii.gz --output t2_on_fixed.nii.gz
+  slicer-voxelmorph apply --transform result/inverse_displacement.nii.gz --input atlas_labels.nii.gz --labels \
+      --reference moving.nii.gz --output atlas_labels_on_moving.nii.gz
+  slicer-voxelmorph apply --transform result/displacement.nii.gz --points fixed_points.csv --output on_moving.csv
+"""
 
 TRAIN_EXAMPLES = """examples:
   slicer-voxelmorph train --images data/train --labels data/label --atlas data/fixed.nii.gz \\
@@ -131,7 +139,7 @@ def run_register(args: argparse.Namespace) -> None:
             warnings.simplefilter("always")
             result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                               label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
-                              affine=not args.no_affine, progress=progress)
+                              affine=not args.no_affine, inverse=args.inverse, progress=progress)
     finally:
         bar.close()
     images_level, fields_level = COMPRESSION[args.compression]
@@ -144,6 +152,8 @@ def run_register(args: argparse.Namespace) -> None:
         # float32 vectors (as ANTs writes them): half the size and time of float64, 1e-5 mm precision
         write_image(result.displacement, stage / "displacement.nii.gz", fields_level)
         write_image(result.jacobian, stage / "jacobian.nii.gz", fields_level)
+        if result.inverse_displacement is not None:
+            write_image(result.inverse_displacement, stage / "inverse_displacement.nii.gz", fields_level)
         if result.warped_labels is not None:
             write_image(result.warped_labels, stage / "warped_labels.nii.gz", images_level)
         (stage / "report.json").write_text(json.dumps(report, indent=2))
@@ -153,6 +163,27 @@ def run_register(args: argparse.Namespace) -> None:
             if "mean_dice_after" in report else ""
         print(f"{summary}folding {report['folding_percent']:.4f} %, {report['seconds']['total']:.1f} s "
               f"on {report['device']}; results in {out}")
+
+
+def run_apply(args: argparse.Namespace) -> None:
+    from . import apply
+    from .images import check_image, read_image, write_image
+
+    if (args.input is None) == (args.points is None):
+        raise InputError("give either --input (an image) or --points (a CSV), not both or neither")
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise InputError(f"output {output} exists (use --overwrite)")
+    field = apply.check_field(read_image(args.transform, "transform"))
+    if args.points:
+        apply.write_points(apply.map_points(apply.read_points(args.points, args.ras), field), output, args.ras)
+        return
+    image = read_image(args.input, "input image")
+    if not args.labels:
+        check_image(image, "input image")
+    reference = read_image(args.reference, "reference image") if args.reference else field
+    interpolation = args.interpolation or ("nearest" if args.labels else "linear")
+    write_image(apply.warp_image(image, field, reference, interpolation, args.labels), output)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -211,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default="bundled", help="'bundled' (default), 'none' (classical), or a model file")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--refine", type=int, help="instance-optimisation steps (default 0; 100 with --model none)")
+    r.add_argument("--inverse", action="store_true",
+                   help="also write inverse_displacement.nii.gz (moving grid: moving point y -> fixed y + w(y))")
     r.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment (images already aligned)")
     r.add_argument("--threads", type=int, help="CPU threads for torch and SimpleITK (default: all cores)")
     r.add_argument("--compression", choices=list(COMPRESSION), default="fast",
@@ -220,6 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     r.add_argument("--out", required=True, help="output folder")
     r.set_defaults(func=run_register)
+
+    a = commands.add_parser("apply", help="apply a saved displacement field to an image, label map or points",
+                            epilog=APPLY_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--transform", required=True, help="displacement field (displacement.nii.gz or the inverse)")
+    a.add_argument("--input", help="image or label map to warp")
+    a.add_argument("--reference", help="grid of the output image (default: the field's grid)")
+    a.add_argument("--interpolation", choices=["linear", "nearest", "bspline"],
+                   help="default linear for images, nearest for --labels")
+    a.add_argument("--labels", action="store_true", help="the input is a label map (keeps its type, 0 outside)")
+    a.add_argument("--points", help="CSV x,y,z (LPS mm; l,p,s / r,a,s columns or Slicer markups JSON also read)")
+    a.add_argument("--ras", action="store_true", help="x,y,z columns of --points and of the output are RAS")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    a.add_argument("--output", required=True, help="output image or CSV")
+    a.set_defaults(func=run_apply)
 
     t = commands.add_parser("train", help="train a model", epilog=TRAIN_EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,6 +31,7 @@ class RegistrationResult:
     jacobian: sitk.Image
     warped_labels: sitk.Image | None
     report: dict = field(default_factory=dict)
+    inverse_displacement: sitk.Image | None = None  # on the moving grid: moving point y maps to y + w(y)
 
 
 class _Clock:
@@ -61,10 +62,11 @@ def _label_names(ids: list[int], names: dict[int, str] | None) -> dict[int, str]
 def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image | None = None,
              moving_labels: sitk.Image | None = None, label_names: dict[int, str] | None = None,
              model: str | None = "bundled", device: str = "auto", refine_steps: int = 0, affine: bool = True,
-             progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
+             inverse: bool = False, progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
-    The result lives on the fixed image's grid. ``progress(stage, fraction)`` is called often; it may
+    The result lives on the fixed image's grid; with ``inverse`` also the inverse field on the moving
+    image's grid (velocity integrated backwards, inverse affine). ``progress(stage, fraction)`` is called often; it may
     raise ``errors.Cancelled`` to stop. Bad input raises ``errors.InputError``.
     """
     clock = _Clock(progress)
@@ -98,14 +100,17 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     m = torch.from_numpy(prepare(moving, grid, transform))[None, None]
 
     try:
-        flow, used = _deform(net, record, f, m, factor, refine_steps, torch_device, clock)
+        flow, inverse_flow, used = _deform(net, record, f, m, factor, refine_steps, torch_device, clock, inverse)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, used = _deform(net, record, f, m, factor, refine_steps, torch.device("cpu"), clock)
+        flow, inverse_flow, used = _deform(net, record, f, m, factor, refine_steps, torch.device("cpu"), clock,
+                                           inverse)
 
     clock("compose")
-    displacement = compose(flow, images.downsampled_grid(grid, factor), transform, fixed)
+    coarse = images.downsampled_grid(grid, factor)
+    displacement = compose(flow, coarse, transform, fixed)
+    inverse_displacement = compose_inverse(inverse_flow, coarse, transform, moving) if inverse else None
 
     clock("warp")
     field_transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
@@ -131,18 +136,26 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         "std_log_jacobian": metrics.std_log_jacobian(det, mask),
         "versions": versions(),
     }
+    if inverse_displacement is not None:
+        moving_mask = (sitk.GetArrayViewFromImage(moving_labels) > 0) if moving_labels is not None \
+            else foreground_mask(moving)
+        report["inverse_round_trip"] = {
+            "fixed_points": round_trip_error(displacement, inverse_displacement, mask),
+            "moving_points": round_trip_error(inverse_displacement, displacement, moving_mask)}
     if fixed_labels is not None:
         report.update(_dice_report(fixed_labels, moving_labels, warped_labels, fixed, moving, transform, ids,
                                    label_names))
     clock.stop()
     report["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 3)}
-    return RegistrationResult(warped, displacement, jacobian, warped_labels, report)
+    return RegistrationResult(warped, displacement, jacobian, warped_labels, report, inverse_displacement)
 
 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refine_steps: int,
-            device: torch.device, clock: _Clock) -> tuple[np.ndarray, torch.device]:
+            device: torch.device, clock: _Clock, inverse: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None, torch.device]:
     """Network prediction and optional refinement at the network's image level (the working grid
-    downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level.
+    downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level, and with
+    ``inverse`` that of the inverse (the velocity integrated backwards).
 
     Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
     where a half-resolution network puts its velocity.
@@ -162,8 +175,9 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
         velocity = refine(velocity, moving_small, fixed_small, refine_steps, int_steps=int_steps,
                           progress=clock.progress)
     with torch.no_grad():
-        flow = displacement_from_velocity(velocity, size, int_steps)
-    return flow[0].cpu().numpy(), device
+        flow = displacement_from_velocity(velocity, size, int_steps)[0].cpu().numpy()
+        backward = displacement_from_velocity(-velocity, size, int_steps)[0].cpu().numpy() if inverse else None
+    return flow, backward, device
 
 
 def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed: sitk.Image) -> sitk.Image:
@@ -173,16 +187,42 @@ def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed
     trilinearly at the fixed voxel centres. Outside ``grid`` d keeps its edge value and fades
     smoothly to zero over TAPER_MM, so the field has no seam at the working grid's border.
     """
+    return _field(flow, grid, np.eye(4), images.affine_matrix(transform), fixed)
+
+
+def compose_inverse(inverse_flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform,
+                    moving: sitk.Image) -> sitk.Image:
+    """The inverse displacement field on the moving grid (LPS mm): y -> z + e(z) with z = A^-1 y, minus y,
+    where e (voxels of ``grid``) is the deformable part of the inverse (the velocity integrated backwards)."""
+    return _field(inverse_flow, grid, np.linalg.inv(images.affine_matrix(transform)), np.eye(4), moving)
+
+
+def _field(flow: np.ndarray, grid: sitk.Image, before: np.ndarray, after: np.ndarray,
+           reference: sitk.Image) -> sitk.Image:
+    """p -> after(q + d(q)) - p with q = before(p), for every voxel centre p of ``reference``, float32."""
     vectors = torch.from_numpy(images.voxel_flow_to_physical(flow, grid).astype(np.float32))
-    index = torch.from_numpy(images.index_in(grid, fixed, np.float32))
+    index = torch.from_numpy(images.affine_field(np.linalg.inv(images.index_to_physical(grid)) @ before,
+                                                 reference, np.float32))
     deformable = sample_at(vectors.permute(3, 0, 1, 2)[None].contiguous(), index, "border").permute(1, 2, 3, 0)
     deformable *= _taper(index, grid)[..., None]
     del index
-    matrix = images.affine_matrix(transform)
-    # A (x + d) + b - x  =  A d + (A - I) x + b, in float32 (|error| < 1e-4 mm for points within 1 m)
-    total = deformable @ torch.from_numpy(matrix[:3, :3].T.astype(np.float32))
-    total += torch.from_numpy(images.affine_field(matrix - np.eye(4), fixed, np.float32))
-    return images.displacement_image(total.numpy(), fixed, np.float32)
+    # after (q + d) - p  =  after_linear d + (after before - I) p, in float32 (< 1e-4 mm within 1 m)
+    total = deformable @ torch.from_numpy(after[:3, :3].T.astype(np.float32))
+    total += torch.from_numpy(images.affine_field(after @ before - np.eye(4), reference, np.float32))
+    return images.displacement_image(total.numpy(), reference, np.float32)
+
+
+def round_trip_error(forward: sitk.Image, inverse: sitk.Image, mask: np.ndarray) -> dict[str, float]:
+    """x -> y = x + u(x) -> y + w(y) for the voxels x of ``forward``'s grid in ``mask``: mean and 95th
+    percentile of the distance back to x (mm); w is sampled trilinearly on its own grid."""
+    points = images.physical_points(forward)[mask]
+    there = points + sitk.GetArrayViewFromImage(forward)[mask]
+    to_index = np.linalg.inv(images.index_to_physical(inverse))
+    there_index = there @ to_index[:3, :3].T + to_index[:3, 3]
+    w = torch.from_numpy(sitk.GetArrayFromImage(inverse).astype(np.float32)).permute(3, 0, 1, 2)[None]
+    back = there + sample_at(w.contiguous(), torch.from_numpy(there_index.astype(np.float32)), "border").T.numpy()
+    error = np.linalg.norm(back - points, axis=1)
+    return {"mean_mm": round(float(error.mean()), 4), "p95_mm": round(float(np.percentile(error, 95)), 4)}
 
 
 def _taper(index: torch.Tensor, grid: sitk.Image) -> torch.Tensor:

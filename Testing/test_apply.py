@@ -1,0 +1,158 @@
+"""Inverse fields and `apply`: against SimpleITK's displacement-field transform and field inversion."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SlicerVoxelMorphLib import metrics
+from SlicerVoxelMorphLib.cli import main
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A phantom pair registered with --inverse (classical refinement: a real, non-trivial field)."""
+    from conftest import deform, phantom, smooth_field, to_image
+
+    tmp = tmp_path_factory.mktemp("apply")
+    image, labels = phantom()
+    fixed = to_image(image, (1.0, 1.1, 0.9), (10.0, -5.0, 3.0))
+    fixed_labels = to_image(labels, (1.0, 1.1, 0.9), (10.0, -5.0, 3.0))
+    field = smooth_field(fixed, amplitude=3.0, seed=4)
+    paths = {"fixed": fixed, "fixed_labels": fixed_labels, "moving": deform(fixed, field, sitk.sitkLinear),
+             "moving_labels": deform(fixed_labels, field, sitk.sitkNearestNeighbor)}
+    for name, im in paths.items():
+        sitk.WriteImage(im, str(tmp / f"{name}.nii.gz"))
+    paths = {name: str(tmp / f"{name}.nii.gz") for name in paths}
+    out = tmp / "out"
+    assert main(["register", "--fixed", paths["fixed"], "--moving", paths["moving"], "--fixed-labels",
+                 paths["fixed_labels"], "--moving-labels", paths["moving_labels"], "--model", "none", "--refine",
+                 "40", "--inverse", "--quiet", "--out", str(out)]) == 0
+    return paths, out
+
+
+def _transform(path) -> sitk.DisplacementFieldTransform:
+    return sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkVectorFloat64))
+
+
+def _brain_points(labels_path, every: int = 3) -> list[tuple[float, ...]]:
+    labels = sitk.ReadImage(labels_path)
+    k, j, i = np.nonzero(sitk.GetArrayFromImage(labels) > 0)
+    return [labels.TransformContinuousIndexToPhysicalPoint((float(a), float(b), float(c)))
+            for a, b, c in zip(i[::every], j[::every], k[::every], strict=True)]
+
+
+def test_inverse_round_trips_both_ways_through_simpleitk(registered):
+    paths, out = registered
+    forward, inverse = _transform(out / "displacement.nii.gz"), _transform(out / "inverse_displacement.nii.gz")
+    fixed_points = _brain_points(paths["fixed_labels"])
+    moving_points = _brain_points(paths["moving_labels"])
+    there_and_back = [np.linalg.norm(np.subtract(inverse.TransformPoint(forward.TransformPoint(p)), p))
+                      for p in fixed_points]
+    back_and_there = [np.linalg.norm(np.subtract(forward.TransformPoint(inverse.TransformPoint(p)), p))
+                      for p in moving_points]
+    for errors in (there_and_back, back_and_there):
+        assert np.mean(errors) < 0.2 and np.percentile(errors, 95) < 0.5, (np.mean(errors), np.percentile(errors, 95))
+    moved = np.mean([np.linalg.norm(np.subtract(forward.TransformPoint(p), p)) for p in fixed_points])
+    assert moved > 0.5  # the field is not trivial
+    trip = json.loads((out / "report.json").read_text())["inverse_round_trip"]
+    assert trip["fixed_points"]["mean_mm"] == pytest.approx(np.mean(there_and_back), abs=0.05)
+
+
+def test_inverse_agrees_with_simpleitk_field_inversion(registered):
+    paths, out = registered
+    forward = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    theirs = sitk.InvertDisplacementField(sitk.Cast(forward, sitk.sitkVectorFloat64), maximumNumberOfIterations=50,
+                                          maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.0001)
+    mine = sitk.ReadImage(str(out / "inverse_displacement.nii.gz"))  # moving grid = fixed grid for this pair
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(paths["moving_labels"])) > 0
+    difference = np.linalg.norm(sitk.GetArrayFromImage(mine) - sitk.GetArrayFromImage(theirs), axis=-1)[brain]
+    assert difference.mean() < 0.15, difference.mean()
+
+
+def test_apply_nearest_reproduces_the_registration_label_warp(registered, tmp_path):
+    paths, out = registered
+    result = tmp_path / "labels.nii.gz"
+    assert main(["apply", "--transform", str(out / "displacement.nii.gz"), "--input", paths["moving_labels"],
+                 "--labels", "--reference", paths["fixed"], "--output", str(result)]) == 0
+    mine = sitk.GetArrayFromImage(sitk.ReadImage(str(result)))
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
+    assert (mine == theirs).mean() >= 0.999
+
+
+def test_apply_of_the_inverse_puts_fixed_labels_on_the_moving_grid(registered, tmp_path):
+    paths, out = registered
+    result = tmp_path / "fixed_on_moving.nii.gz"
+    assert main(["apply", "--transform", str(out / "inverse_displacement.nii.gz"), "--input",
+                 paths["fixed_labels"], "--labels", "--reference", paths["moving"], "--output", str(result)]) == 0
+    moving_labels = sitk.GetArrayFromImage(sitk.ReadImage(paths["moving_labels"]))
+    before = sitk.GetArrayFromImage(sitk.ReadImage(paths["fixed_labels"]))
+    after = sitk.GetArrayFromImage(sitk.ReadImage(str(result)))
+    ids = [1, 2, 3]
+    dice_before = np.mean(list(metrics.dice(moving_labels, before, ids).values()))
+    dice_after = np.mean(list(metrics.dice(moving_labels, after, ids).values()))
+    assert dice_after > dice_before, (dice_before, dice_after)
+    # SimpleITK's own inversion of the forward field, used the same way, puts the labels at the same place
+    forward = sitk.Cast(sitk.ReadImage(str(out / "displacement.nii.gz")), sitk.sitkVectorFloat64)
+    theirs = sitk.InvertDisplacementField(forward, maximumNumberOfIterations=50)
+    reference = sitk.Resample(sitk.ReadImage(paths["fixed_labels"]), sitk.ReadImage(paths["moving"]),
+                              sitk.DisplacementFieldTransform(theirs), sitk.sitkNearestNeighbor)
+    inside = (after > 0) | (sitk.GetArrayFromImage(reference) > 0)
+    assert (after == sitk.GetArrayFromImage(reference))[inside].mean() > 0.99
+
+
+def test_apply_points_agree_with_simpleitk_transform_point(registered, tmp_path):
+    _, out = registered
+    points = [(20.0, 5.0, 15.0), (25.5, 12.25, 20.0), (30.0, 20.0, 12.0)]
+    source = tmp_path / "in.csv"
+    source.write_text("x,y,z\n" + "\n".join(",".join(str(v) for v in p) for p in points) + "\n")
+    result = tmp_path / "out.csv"
+    assert main(["apply", "--transform", str(out / "displacement.nii.gz"), "--points", str(source),
+                 "--output", str(result)]) == 0
+    mapped = np.array([[float(r[c]) for c in "xyz"] for r in csv.DictReader(open(result))])
+    transform = _transform(out / "displacement.nii.gz")
+    expected = np.array([transform.TransformPoint(p) for p in points])
+    np.testing.assert_allclose(mapped, expected, atol=0.01)
+    # the same points as RAS in a Slicer markups JSON give the same answer (in LPS) ...
+    markups = {"markups": [{"type": "Fiducial", "coordinateSystem": "RAS",
+                            "controlPoints": [{"position": [-p[0], -p[1], p[2]]} for p in points]}]}
+    (tmp_path / "in.mrk.json").write_text(json.dumps(markups))
+    assert main(["apply", "--transform", str(out / "displacement.nii.gz"), "--points",
+                 str(tmp_path / "in.mrk.json"), "--output", str(tmp_path / "json.csv")]) == 0
+    again = np.array([[float(r[c]) for c in "xyz"] for r in csv.DictReader(open(tmp_path / "json.csv"))])
+    np.testing.assert_allclose(again, mapped, atol=1e-6)
+    # ... and with --ras, RAS in and RAS out
+    ras = tmp_path / "ras_in.csv"
+    ras.write_text("x,y,z\n" + "\n".join(f"{-p[0]},{-p[1]},{p[2]}" for p in points) + "\n")
+    assert main(["apply", "--transform", str(out / "displacement.nii.gz"), "--points", str(ras), "--ras",
+                 "--output", str(tmp_path / "ras.csv")]) == 0
+    got = np.array([[float(r[c]) for c in "xyz"] for r in csv.DictReader(open(tmp_path / "ras.csv"))])
+    np.testing.assert_allclose(got, expected * [-1, -1, 1], atol=0.01)
+
+
+def _one_error(capsys, args, *words):
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_apply_bad_inputs_are_one_line_errors(registered, tmp_path, capsys):
+    paths, out = registered
+    scalar = paths["fixed"]
+    _one_error(capsys, ["apply", "--transform", scalar, "--input", paths["moving"], "--output",
+                        str(tmp_path / "x.nii.gz")], "not a displacement field")
+    far = tmp_path / "far.csv"
+    far.write_text("x,y,z\n20,5,15\n900,0,0\n")
+    _one_error(capsys, ["apply", "--transform", str(out / "displacement.nii.gz"), "--points", str(far),
+                        "--output", str(tmp_path / "y.csv")], "outside", "rows 2")
+    assert not (tmp_path / "y.csv").exists()
+    headless = tmp_path / "headless.csv"
+    headless.write_text("1,2,3\n")
+    _one_error(capsys, ["apply", "--transform", str(out / "displacement.nii.gz"), "--points", str(headless),
+                        "--output", str(tmp_path / "z.csv")], "header")
+    _one_error(capsys, ["apply", "--transform", str(out / "displacement.nii.gz"), "--output",
+                        str(tmp_path / "w.csv")], "--input", "--points")
