@@ -147,3 +147,26 @@ def test_a_failed_run_leaves_no_output_folder_and_no_partial_files(files, tmp_pa
     _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model",
                            str(tmp_path / "missing.pt"), "--out", str(out)], "not found")
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+
+
+def _image(size, spacing):
+    image = sitk.Image(size, sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image[0, 0, 0] = 1.0
+    return image
+
+
+def test_ct_sized_and_small_animal_images_are_refused_in_one_line():
+    from SlicerVoxelMorphLib.errors import InputError
+    from SlicerVoxelMorphLib.register import register
+
+    ct = _image((512, 512, 300), (0.8, 0.8, 1.0))
+    with pytest.raises(InputError, match=r"512x512x300 = 79 M voxels.*coarser spacing") as error:
+        register(ct, ct, model="none")
+    assert "\n" not in str(error.value)
+    mouse = _image((100, 120, 80), (0.1, 0.1, 0.1))
+    with pytest.raises(InputError, match="at least 32 mm"):
+        register(mouse, mouse, model="none")
+    slab = _image((200, 200, 2), (1.0, 1.0, 5.0))
+    with pytest.raises(InputError, match="at least 32 mm"):
+        register(slab, slab, model="none")

@@ -2,6 +2,7 @@
 
 import nibabel as nib
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from SlicerVoxelMorphLib import images, metrics
@@ -164,3 +165,16 @@ def test_float32_composition_agrees_with_float64_within_a_hundredth_of_a_millime
         expected = matrix[:3, :3] @ (p + d) + matrix[:3, 3] - p
         k, j, i = np.argwhere(np.all(points == p, axis=-1))[0]
         np.testing.assert_allclose(got[k, j, i], expected, atol=0.01)
+
+
+def test_dice_and_counts_with_huge_sparse_label_ids():
+    a = np.zeros((4, 4, 4), np.int64)
+    b = np.zeros((4, 4, 4), np.int64)
+    a[0] = 600_000_000
+    b[0, :2] = 600_000_000
+    a[1, 0, 0] = b[1, 0, 0] = 7
+    result = metrics.dice(a, b, [7, 600_000_000])
+    assert result[7] == 1.0
+    assert result[600_000_000] == pytest.approx(2 * 8 / (16 + 8))
+    assert metrics.label_counts(a, [7, 600_000_000]) == {7: 1, 600_000_000: 16}
+    assert metrics.label_counts(a, [5]) == {5: 0}

@@ -54,3 +54,41 @@ def test_bundled_model_when_present_is_valid():
     net, record = load_model(BUNDLED)
     assert record["training"]["iterations"] > 0 and record["spacing_mm"] > 0
     assert isinstance(net, VxmDense)
+
+
+@pytest.mark.parametrize(("key", "value"), [("spacing_mm", 1.0), ("config", {"features": "vm2", "half_res": True,
+                                                                            "int_steps": 3})])
+def test_edited_settings_are_detected(tmp_path, key, value):
+    path = tmp_path / "m.pt"
+    save_model(path, VxmDense("vm2"), 2.0, {"name": "x"})
+    record = torch.load(path, weights_only=True)
+    record[key] = value
+    torch.save(record, path)
+    with pytest.raises(InputError, match="corrupt"):
+        read_model_file(path)
+
+
+def test_model_files_without_weights_or_with_unknown_features_are_input_errors(tmp_path):
+    path = tmp_path / "m.pt"
+    save_model(path, VxmDense("vm1"), 2.0, {"name": "x"})
+    record = torch.load(path, weights_only=True)
+    del record["state_dict"]
+    torch.save(record, tmp_path / "empty.pt")
+    with pytest.raises(InputError, match="no network weights"):
+        read_model_file(tmp_path / "empty.pt")
+    record = torch.load(path, weights_only=True)
+    record["config"]["features"] = "vm9"
+    record["sha256"] = content_hash(record["state_dict"], {k: record[k] for k in ("config", "spacing_mm",
+                                                                                  "normalisation")})
+    torch.save(record, tmp_path / "odd.pt")
+    with pytest.raises(InputError, match="architecture"):
+        load_model(tmp_path / "odd.pt")
+
+
+def test_bundled_models_match_their_model_cards():
+    import re
+
+    for model in sorted(BUNDLED.parent.glob("*.pt")):
+        card = model.with_suffix(".md").read_text()
+        recorded = re.search(r"`([0-9a-f]{64})`", card).group(1)
+        assert read_model_file(model)["sha256"] == recorded, model.name

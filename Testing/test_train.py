@@ -80,3 +80,33 @@ def test_synthesis_needs_labels_and_a_matching_warm_start(tmp_path, capsys):
     code = main(["train", "--images", str(images), "--labels", str(labels), "--features", "vm1", "--init-model",
                  str(tmp_path / "base" / "model.pt"), "--quiet", "--out", str(tmp_path / "b")])
     assert code == 2 and "architecture" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_settings_and_drops_rows_logged_after_the_checkpoint(tmp_path, capsys):
+    images, labels = _dataset(tmp_path)
+    out = tmp_path / "run"
+    _train(images, labels, out, "--chunk", "3")
+    with open(out / "log.csv", "a") as f:  # a crash after iteration 3 had logged rows 4 and 5
+        f.write("4,1.0,0,-0.5\n5,1.1,0,-0.5\n")
+    code = main(["train", "--images", str(images), "--labels", str(labels), "--val-subjects", "S3",
+                 "--iterations", "6", "--lr", "5e-3", "--device", "cpu", "--quiet", "--out", str(out), "--resume"])
+    assert code == 2 and "lr" in capsys.readouterr().err
+    _train(images, labels, out, "--resume")
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
+
+
+def test_a_failing_batch_producer_stops_training_with_its_error(tmp_path, monkeypatch):
+    import pytest
+
+    from SlicerVoxelMorphLib import train
+
+    images, labels = _dataset(tmp_path)
+
+    def broken(self, iteration):
+        raise ValueError("synthetic failure in the batch producer")
+
+    monkeypatch.setattr(train.Trainer, "sample", broken)
+    with pytest.raises(ValueError, match="batch producer"):
+        main(["train", "--images", str(images), "--labels", str(labels), "--iterations", "2", "--device", "cpu",
+              "--quiet", "--out", str(tmp_path / "x")])

@@ -33,7 +33,8 @@ def render(record: dict, evaluation: str | None) -> str:
     lines = [
         f"# Model card: {record['name']}",
         "",
-        f"File `lpba40.pt`, content hash (SHA-256 of the weights) `{record['sha256']}`.",
+        f"File `{record['name']}.pt`, content hash (SHA-256 of the weights, architecture, spacing and "
+        f"normalisation) `{record['sha256']}`.",
         "",
         "## Data and split",
         "LPBA40 in delineation space (Shattuck et al., NeuroImage 2008): skull-stripped T1 MRIs, 56 labelled",

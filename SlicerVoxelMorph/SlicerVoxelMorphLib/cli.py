@@ -202,7 +202,7 @@ def run_train(args: argparse.Namespace) -> None:
     config = TrainConfig(images=images, labels=labels, val_images=val_images, val_labels=val_labels, **options)
     device = pick_device(args.device)
     bar = _progress_bar(args.quiet, total=config.iterations, unit="it")
-    trainer = Trainer(config, Path(args.out), device)
+    trainer = Trainer(config, Path(args.out), device, warm_start=not args.resume)
     if args.resume:
         trainer.resume()
         bar.update(trainer.iteration)

@@ -8,18 +8,34 @@ def label_ids(labels: np.ndarray) -> list[int]:
     return [int(v) for v in np.unique(labels) if v != 0]
 
 
+def compact_labels(labels: np.ndarray, ids: list[int]) -> np.ndarray:
+    """Position + 1 of each voxel's id in ``ids`` (0 for ids not listed), flat int64: lets counts use
+    ``len(ids)`` bins whatever the id values (an id of 6e8 does not ask for gigabytes)."""
+    table = np.asarray(sorted(ids), dtype=np.int64)
+    flat = np.asarray(labels).ravel().astype(np.int64)
+    if not table.size:
+        return np.zeros(flat.shape, dtype=np.int64)
+    position = np.searchsorted(table, flat).clip(max=table.size - 1)
+    return np.where(table[position] == flat, position + 1, 0)
+
+
+def label_counts(labels: np.ndarray, ids: list[int]) -> dict[int, int]:
+    """Number of voxels of each id."""
+    counts = np.bincount(compact_labels(labels, ids), minlength=len(ids) + 1)
+    return {i: int(counts[n + 1]) for n, i in enumerate(sorted(ids))}
+
+
 def dice(a: np.ndarray, b: np.ndarray, ids: list[int]) -> dict[int, float]:
     """Dice coefficient per label id between two label maps (NaN where a label is in neither)."""
-    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
-    top = max(ids) + 1 if ids else 1
-    a_count = np.bincount(np.where(a < top, a, 0).clip(0), minlength=top)
-    b_count = np.bincount(np.where(b < top, b, 0).clip(0), minlength=top)
-    same = a == b
-    both = np.bincount(np.where(same & (a < top), a, 0).clip(0), minlength=top)
+    ids = sorted(ids)
+    a, b = compact_labels(a, ids), compact_labels(b, ids)
+    bins = len(ids) + 1
+    a_count, b_count = np.bincount(a, minlength=bins), np.bincount(b, minlength=bins)
+    both = np.bincount(np.where(a == b, a, 0), minlength=bins)
     out = {}
-    for i in ids:
-        denominator = a_count[i] + b_count[i]
-        out[i] = float(2 * both[i] / denominator) if denominator else float("nan")
+    for n, i in enumerate(ids, start=1):
+        denominator = a_count[n] + b_count[n]
+        out[i] = float(2 * both[n] / denominator) if denominator else float("nan")
     return out
 
 

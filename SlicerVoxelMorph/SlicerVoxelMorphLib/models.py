@@ -1,6 +1,7 @@
 """Model files: a self-describing checkpoint loadable with ``torch.load(weights_only=True)``."""
 
 import hashlib
+import json
 import platform
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from .files import atomic_path
 from .networks import VxmDense
 
 FORMAT = "slicer-voxelmorph-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the hash also covers the architecture, spacing and normalisation
+SEALED = ("config", "spacing_mm", "normalisation")  # what the network's output depends on besides weights
 BUNDLED = Path(__file__).parent / "bundled" / "lpba40.pt"
 
 
@@ -24,22 +26,30 @@ def versions() -> dict[str, str]:
             "simpleitk": sitk.Version_VersionString(), "python": platform.python_version()}
 
 
-def content_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over parameter names and float32 values: identifies the weights, not the file."""
+def content_hash(state_dict: dict[str, torch.Tensor], sealed: dict | None = None) -> str:
+    """SHA-256 over parameter names and float32 values, then ``sealed`` metadata as canonical JSON:
+    identifies the model (weights, architecture, working spacing), not the file."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         digest.update(name.encode())
         digest.update(state_dict[name].detach().cpu().float().contiguous().numpy().tobytes())
+    if sealed is not None:
+        digest.update(json.dumps(sealed, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _sealed(record: dict) -> dict | None:
+    """The metadata a format-2 hash covers (format 1 hashed the weights only)."""
+    return {key: record.get(key) for key in SEALED} if record.get("format_version", 1) >= 2 else None
 
 
 def save_model(path: str | Path, net: VxmDense, spacing_mm: float, metadata: dict) -> str:
     """Save weights with their architecture, working grid and metadata; return the content hash."""
     state = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
-    digest = content_hash(state)
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dict(net.config),
               "spacing_mm": float(spacing_mm), "normalisation": "percentile 0.5-99.5 to [0, 1]",
-              "state_dict": state, "sha256": digest, "versions": versions(), **metadata}
+              "state_dict": state, "versions": versions(), **metadata}
+    digest = record["sha256"] = content_hash(state, _sealed(record))
     with atomic_path(path) as tmp:
         torch.save(record, tmp)
     return digest
@@ -59,8 +69,11 @@ def read_model_file(path: str | Path) -> dict:
         raise InputError(f"{path} is not a SlicerVoxelMorph model file (no '{FORMAT}' record)")
     if record.get("format_version", 0) > FORMAT_VERSION:
         raise InputError(f"{path} needs a newer SlicerVoxelMorph (format {record['format_version']})")
-    if content_hash(record["state_dict"]) != record.get("sha256"):
-        raise InputError(f"{path} is corrupt: its weights do not match their recorded hash")
+    state = record.get("state_dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} holds no network weights (no 'state_dict' of tensors)")
+    if content_hash(state, _sealed(record)) != record.get("sha256"):
+        raise InputError(f"{path} is corrupt: its weights or settings do not match their recorded hash")
     return record
 
 
@@ -70,7 +83,7 @@ def load_model(path: str | Path) -> tuple[VxmDense, dict]:
     try:
         net = VxmDense(**record["config"])
         net.load_state_dict(record["state_dict"])
-    except (TypeError, RuntimeError, KeyError) as exc:
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise InputError(f"{path}: weights do not fit the recorded architecture ({str(exc)[:120]})") from None
     return net.eval(), record
 

@@ -17,6 +17,9 @@ from .errors import Cancelled, InputError
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
 WORKING_SPACING_MM = 1.0
 GRID_MULTIPLE = 16  # the UNet's four poolings
+MAX_VOXELS = 20_000_000  # per input image: outputs on the fixed grid take ~150 bytes a voxel at peak
+BYTES_PER_VOXEL = 150  # measured: LPBA40 pair, 4.9 M fixed voxels, 1.2 GB peak resident memory
+MIN_EXTENT_MM = 32.0  # the working grid is 1 mm and the network pools 32x: smaller anatomy is refused
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -43,6 +46,22 @@ def scale_to_window(array: np.ndarray, lower: float, upper: float) -> np.ndarray
     if upper <= lower:
         return np.zeros_like(array)
     return np.clip((array - lower) / (upper - lower), 0.0, 1.0)
+
+
+def check_scale(image: sitk.Image, what: str = "image") -> sitk.Image:
+    """Refuse images the engine cannot register within bounded memory or at its working resolution."""
+    size = np.array(image.GetSize())
+    voxels = int(size.prod())
+    if voxels > MAX_VOXELS:
+        raise InputError(f"{what} has {'x'.join(map(str, size))} = {voxels / 1e6:.0f} M voxels, more than the "
+                         f"{MAX_VOXELS / 1e6:.0f} M supported (peak memory about {voxels * BYTES_PER_VOXEL / 1e9:.0f} "
+                         "GB): resample it to a coarser spacing (1 mm is enough for the network) or crop it first")
+    extent = size * np.array(image.GetSpacing())
+    if extent.min() < MIN_EXTENT_MM:
+        raise InputError(f"{what} is only {' x '.join(f'{e:.1f}' for e in extent)} mm: registration works on a "
+                         f"{WORKING_SPACING_MM:g} mm grid for human-sized anatomy and needs at least "
+                         f"{MIN_EXTENT_MM:g} mm along every axis (small-animal images: scale the spacing up first)")
+    return image
 
 
 def background_value(array: np.ndarray) -> float:

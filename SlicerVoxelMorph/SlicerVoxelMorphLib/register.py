@@ -14,7 +14,7 @@ from .devices import pick_device
 from .errors import InputError
 from .layers import displacement_from_velocity, downsample, sample_at
 from .models import load_model, resolve_model, versions
-from .preprocess import WORKING_SPACING_MM, affine_align, foreground_mask, grid_for, level_factor, prepare
+from .preprocess import WORKING_SPACING_MM, affine_align, check_scale, foreground_mask, grid_for, level_factor, prepare
 from .refine import refine
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
@@ -73,6 +73,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     clock("check")
     images.check_image(fixed, "fixed image")
     images.check_image(moving, "moving image")
+    check_scale(fixed, "fixed image")
+    check_scale(moving, "moving image")
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("give both fixed and moving labels, or neither")
     ids: list[int] = []
@@ -243,7 +245,7 @@ def _dice_report(fixed_labels: sitk.Image, moving_labels: sitk.Image, warped_lab
     dice_before = metrics.dice(fixed_array, sitk.GetArrayFromImage(before), ids)
     dice_after = metrics.dice(fixed_array, sitk.GetArrayFromImage(warped_labels), ids)
     voxel_mm3 = float(np.prod(fixed.GetSpacing()))
-    counts = np.bincount(fixed_array.ravel().clip(0), minlength=max(ids) + 1)
+    counts = metrics.label_counts(fixed_array, ids)
     named = _label_names(ids, names)
     rows = [{"label": i, "name": named[i], "dice_before": round(dice_before[i], 4),
              "dice_after": round(dice_after[i], 4), "fixed_volume_mm3": round(float(counts[i]) * voxel_mm3, 1)}

@@ -119,14 +119,14 @@ class Trainer:
     """Holds data, network and optimiser; ``run`` trains with validation and checkpoints."""
 
     def __init__(self, config: TrainConfig, out: Path, device: torch.device,
-                 progress: Callable[[str, float], None] | None = None) -> None:
+                 progress: Callable[[str, float], None] | None = None, warm_start: bool = True) -> None:
         self.config, self.out, self.device = config, Path(out), device
         self.progress = progress or (lambda stage, fraction: None)
         self.out.mkdir(parents=True, exist_ok=True)
         self._load_data()
         torch.manual_seed(config.seed)
         self.net = VxmDense(config.features, config.half_res, config.int_steps)
-        if config.init_model:
+        if config.init_model and warm_start:  # a resumed run takes its weights from the checkpoint
             self._warm_start(config.init_model)
         self.net.to(device)
         self.synthesiser = Synthesiser()
@@ -330,11 +330,17 @@ class Trainer:
         if not path.is_file():
             raise InputError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location=self.device, weights_only=True)
+        saved = {**asdict(TrainConfig(images=[])), **state["config"]}  # settings added since: their defaults
+        changed = _changed_settings(saved, asdict(self.config))
+        if changed:
+            raise InputError(f"--resume: this run's settings differ from the checkpoint's: {', '.join(changed)} "
+                             "(use the same command, or a new --out)")
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration, self.history = state["iteration"], state["history"]
         self.best_score = max((h["val_worst"] for h in self.history if "val_worst" in h), default=-math.inf)
         self.seconds = state["seconds"]
+        _write_csv(self.out / "log.csv", self.history)  # rows logged after the checkpoint are dropped
 
     def export_model(self, hardware: str, name: str = "model.pt") -> Path:
         """Write ``out/<name>``: a self-describing model file with the training record."""
@@ -362,13 +368,18 @@ class Trainer:
         batches: queue.Queue = queue.Queue(maxsize=2)
 
         def producer(start: int) -> None:
-            for it in range(start, stop):
-                batches.put(self.sample(it))
+            try:
+                for it in range(start, stop):
+                    batches.put(self.sample(it))
+            except Exception as exc:  # handed to the training loop, which raises it
+                batches.put(exc)
 
         threading.Thread(target=producer, args=(self.iteration,), daemon=True).start()
         self.net.train()
         while self.iteration < stop:
             batch = batches.get()
+            if isinstance(batch, Exception):
+                raise batch
             tick = time.time()
             terms = self.step(batch)
             self.seconds += time.time() - tick
@@ -389,15 +400,31 @@ class Trainer:
                 raise
 
 
-def _append_csv(path: Path, row: dict) -> None:
-    columns = ["iteration", "seconds", "synthetic", "loss", "ncc", "smooth", "dice", "val_dice", "val_worst",
+LOG_COLUMNS = ["iteration", "seconds", "synthetic", "loss", "ncc", "smooth", "dice", "val_dice", "val_worst",
                *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent"]
+RESUMABLE_CHANGES = {"iterations", "val_every", "checkpoint_every"}  # settings a resumed run may change
+
+
+def _changed_settings(saved: dict, current: dict) -> list[str]:
+    """Names of the training settings (other than RESUMABLE_CHANGES) that differ between two configs."""
+    return sorted(k for k in set(saved) | set(current)
+                  if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+
+
+def _append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot_history(history: list[dict], path: Path) -> None:
