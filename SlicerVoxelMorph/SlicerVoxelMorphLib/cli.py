@@ -137,8 +137,10 @@ def run_register(args: argparse.Namespace) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = _one_line_warning
             result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                               label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
+                              accurate=args.accurate, similarity=args.similarity, auto_refine=not args.no_auto_refine,
                               affine=not args.no_affine, inverse=args.inverse, progress=progress)
     finally:
         bar.close()
@@ -222,6 +224,10 @@ def run_train(args: argparse.Namespace) -> None:
     print(f"model written to {path} after {trainer.iteration} iterations")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"slicer-voxelmorph: warning: {message}", file=sys.stderr)
+
+
 def _progress_bar(quiet: bool, **kwargs):
     from tqdm import tqdm
 
@@ -241,7 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--label-names", help="CSV with columns id,name")
     r.add_argument("--model", default="bundled", help="'bundled' (default), 'none' (classical), or a model file")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--refine", type=int, help="instance-optimisation steps (default 0; 100 with --model none)")
+    r.add_argument("--accurate", action="store_true",
+                   help="refine the network's result by instance optimisation with the measured best schedule")
+    r.add_argument("--refine", type=int, help="expert: refinement steps (default 0; 100 with --model none)")
+    r.add_argument("--similarity", choices=["auto", "ncc", "mind"], default="auto",
+                   help="refinement similarity: local NCC (same contrast), MIND-SSC (any contrast), auto (default)")
+    r.add_argument("--no-auto-refine", action="store_true",
+                   help="do not refine when the network does not improve on the affine alignment")
     r.add_argument("--inverse", action="store_true",
                    help="also write inverse_displacement.nii.gz (moving grid: moving point y -> fixed y + w(y))")
     r.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment (images already aligned)")

@@ -1,32 +1,119 @@
-"""Instance optimisation: refine a velocity field for one image pair with the registration loss."""
+"""Instance optimisation: refine a velocity field for one image pair, with early stopping.
+
+Settings, then ``execute`` (SimpleITK-style): ``Refiner(steps=..., similarity=...).execute(velocity,
+moving, fixed)``. The velocity may live on a coarser grid than the images; ``velocity_factor``
+first upsamples it (more degrees of freedom than the network's own velocity grid). The similarity is
+local NCC for same-contrast pairs or MIND-SSC (modality independent) when contrasts differ; 'auto'
+picks by the sign and size of the global intensity correlation inside the foreground.
+"""
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import losses
 from .layers import SpatialTransformer, displacement_from_velocity
 
+SIMILARITIES = ("auto", "ncc", "mind")
+SAME_CONTRAST_CORRELATION = 0.5  # 'auto': NCC above this global correlation, MIND below
 
-def refine(velocity: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, steps: int,
-           smooth_weight: float = 1.0, window: int = 5, lr: float = 0.1, int_steps: int = 7,
-           progress: Callable[[str, float], None] | None = None) -> torch.Tensor:
-    """``steps`` Adam steps on ``velocity`` minimising NCC(fixed, moving o phi) + w * grad(velocity).
 
-    ``velocity`` (1, 3, d, h, w) is in voxels of its own grid, which may be coarser than the images
-    (1, 1, D, H, W); the loss is computed at the images' resolution. Returns the refined velocity.
+def intensity_correlation(moving: torch.Tensor, fixed: torch.Tensor) -> float:
+    """Pearson correlation of the two images' intensities over voxels where either is foreground."""
+    mask = (moving > 0.05) | (fixed > 0.05)
+    a, b = moving[mask].double(), fixed[mask].double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def choose_similarity(similarity: str, moving: torch.Tensor, fixed: torch.Tensor) -> str:
+    """'ncc' or 'mind' for a pair: as given, or by ``intensity_correlation`` for 'auto'."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, not {similarity!r}")
+    if similarity != "auto":
+        return similarity
+    return "ncc" if intensity_correlation(moving, fixed) > SAME_CONTRAST_CORRELATION else "mind"
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """MIND-SSC descriptors (Heinrich et al., MICCAI 2013): 12 channels of exp(-patch distance / local
+    variance) between the six-neighbourhood pairs; invariant to monotone and non-monotone intensity maps
+    that keep local structure. (1, 1, D, H, W) -> (1, 12, D, H, W)."""
+    six = torch.tensor([[0, 1, 1], [1, 1, 0], [1, 0, 1], [1, 1, 2], [2, 1, 1], [1, 2, 1]], device=image.device)
+    distance = ((six[:, None] - six[None]) ** 2).sum(-1)
+    i, j = torch.triu_indices(6, 6, 1)
+    pairs = [(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True) if distance[a, b] == 2]  # 12 pairs
+    padded = F.pad(image, [dilation] * 6, mode="replicate")
+    shape = image.shape[2:]
+
+    def shifted(offset: torch.Tensor) -> torch.Tensor:
+        k, j_, i_ = (int(o) * dilation for o in offset)
+        return padded[:, :, k:k + shape[0], j_:j_ + shape[1], i_:i_ + shape[2]]
+
+    size = 2 * radius + 1
+    ssd = torch.cat([F.avg_pool3d((shifted(six[a]) - shifted(six[b])) ** 2, size, stride=1, padding=radius)
+                     for a, b in pairs], dim=1)
+    ssd = ssd - ssd.min(dim=1, keepdim=True).values
+    variance = ssd.mean(dim=1, keepdim=True)
+    variance = variance.clamp(variance.mean() * 1e-3, variance.mean() * 1e3)
+    descriptor = torch.exp(-ssd / variance)
+    return descriptor / descriptor.max(dim=1, keepdim=True).values.clamp_min(1e-12)
+
+
+@dataclass
+class Refiner:
+    """Adam on the velocity minimising similarity(fixed, moving o phi) + smooth_weight * grad(velocity).
+
+    Stops early when the loss has not improved by ``tolerance`` (relative) over ``patience`` steps.
     """
-    velocity = velocity.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([velocity], lr=lr)
-    warp = SpatialTransformer()
-    size = tuple(fixed.shape[2:])
-    for step in range(steps):
-        flow = displacement_from_velocity(velocity, size, int_steps)
-        loss = losses.ncc(fixed, warp(moving, flow), window) + smooth_weight * losses.grad(velocity)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if progress is not None:
-            progress("refine", (step + 1) / steps)
-    return velocity.detach()
 
+    steps: int = 100
+    similarity: str = "auto"
+    smooth_weight: float = 1.0
+    window: int = 9  # the training loss's NCC window
+    lr: float = 0.1
+    velocity_factor: int = 1  # upsample the starting velocity by this factor first
+    patience: int = 10
+    tolerance: float = 1e-3
+    int_steps: int = 7
+
+    def execute(self, velocity: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
+                progress: Callable[[str, float], None] | None = None) -> tuple[torch.Tensor, dict]:
+        """The refined velocity (voxels of its own grid, possibly finer than the input's) and a record:
+        similarity used, steps run, first and last loss."""
+        similarity = choose_similarity(self.similarity, moving, fixed)
+        if self.velocity_factor > 1:
+            velocity = self.velocity_factor * F.interpolate(velocity, scale_factor=self.velocity_factor,
+                                                            mode="trilinear", align_corners=False)
+        velocity = velocity.detach().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([velocity], lr=self.lr)
+        warp = SpatialTransformer()
+        size = tuple(fixed.shape[2:])
+        if similarity == "mind":
+            target, source = mind_ssc(fixed), mind_ssc(moving)  # descriptors of the moving image are warped
+        else:
+            target, source = fixed, moving
+        history: list[float] = []
+        for step in range(self.steps):
+            flow = displacement_from_velocity(velocity, size, self.int_steps)
+            warped = warp(source, flow)
+            if similarity == "mind":
+                match = losses.mse(target, warped)
+            else:
+                match = losses.ncc(target, warped, self.window)
+            loss = match + self.smooth_weight * losses.grad(velocity)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+            if progress is not None:
+                progress("refine", (step + 1) / self.steps)
+            if len(history) > self.patience and \
+                    history[-1 - self.patience] - min(history[-self.patience:]) < self.tolerance * abs(history[0]):
+                break
+        record = {"similarity": similarity, "steps_run": len(history),
+                  "loss_first": round(history[0], 6) if history else None,
+                  "loss_last": round(history[-1], 6) if history else None}
+        return velocity.detach(), record

@@ -3,22 +3,25 @@
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import images, metrics
+from . import images, losses, metrics
 from .devices import pick_device
 from .errors import InputError
-from .layers import displacement_from_velocity, downsample, sample_at
+from .layers import SpatialTransformer, displacement_from_velocity, downsample, sample_at
 from .models import load_model, resolve_model, versions
 from .preprocess import WORKING_SPACING_MM, affine_align, check_scale, foreground_mask, grid_for, level_factor, prepare
-from .refine import refine
+from .refine import Refiner, mind_ssc
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
 COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
+# --accurate: measured on a phantom pair (Testing/test_apply.py's), window 5 beat 9 and a 2x finer velocity
+# gave no gain at 3x the time; see benchmarks/refine.py for the LPBA40 measurement
+ACCURATE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0, "lr": 0.1, "tolerance": 1e-4}
 TAPER_MM = 20.0  # outside the working grid the deformation fades to zero over this distance
 
 
@@ -61,10 +64,14 @@ def _label_names(ids: list[int], names: dict[int, str] | None) -> dict[int, str]
 
 def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image | None = None,
              moving_labels: sitk.Image | None = None, label_names: dict[int, str] | None = None,
-             model: str | None = "bundled", device: str = "auto", refine_steps: int = 0, affine: bool = True,
-             inverse: bool = False, progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
+             model: str | None = "bundled", device: str = "auto", refine_steps: int = 0, accurate: bool = False,
+             similarity: str = "auto", auto_refine: bool = True, affine: bool = True, inverse: bool = False,
+             progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
+    Refinement: ``accurate`` (the ACCURATE preset) or ``refine_steps`` steps with the same settings,
+    ``similarity`` 'auto', 'ncc' or 'mind'; with ``auto_refine`` the network's result is checked and
+    refined when it does not improve on the affine alignment (a warning says so).
     The result lives on the fixed image's grid; with ``inverse`` also the inverse field on the moving
     image's grid (velocity integrated backwards, inverse affine). ``progress(stage, fraction)`` is called often; it may
     raise ``errors.Cancelled`` to stop. Bad input raises ``errors.InputError``.
@@ -101,13 +108,19 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     f = torch.from_numpy(prepare(fixed, grid))[None, None]
     m = torch.from_numpy(prepare(moving, grid, transform))[None, None]
 
+    def refiner() -> Refiner | None:
+        if accurate:
+            return Refiner(**ACCURATE, similarity=similarity)
+        return Refiner(**{**ACCURATE, "steps": refine_steps}, similarity=similarity) if refine_steps > 0 else None
+
     try:
-        flow, inverse_flow, used = _deform(net, record, f, m, factor, refine_steps, torch_device, clock, inverse)
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), auto_refine,
+                                                          torch_device, clock, inverse)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used = _deform(net, record, f, m, factor, refine_steps, torch.device("cpu"), clock,
-                                           inverse)
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), auto_refine,
+                                                          torch.device("cpu"), clock, inverse)
 
     clock("compose")
     coarse = images.downsampled_grid(grid, factor)
@@ -130,7 +143,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     mask = (sitk.GetArrayViewFromImage(fixed_labels) > 0) if fixed_labels is not None else fixed_foreground
     report = {
         "device": str(used), "model": record.get("name", "none"), "model_sha256": record.get("sha256"),
-        "refine_steps": refine_steps, "affine": affine,
+        "refine_steps": refine_steps, "accurate": accurate, "affine": affine, **deform_report,
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
         "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
                          "origin_lps": list(grid.GetOrigin())},
@@ -152,34 +165,53 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     return RegistrationResult(warped, displacement, jacobian, warped_labels, report, inverse_displacement)
 
 
-def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refine_steps: int,
-            device: torch.device, clock: _Clock, inverse: bool = False
-            ) -> tuple[np.ndarray, np.ndarray | None, torch.device]:
+def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refiner: Refiner | None,
+            auto_refine: bool, device: torch.device, clock: _Clock, inverse: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
     """Network prediction and optional refinement at the network's image level (the working grid
-    downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level, and with
-    ``inverse`` that of the inverse (the velocity integrated backwards).
+    downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level, with
+    ``inverse`` that of the inverse (the velocity integrated backwards), and a report.
 
     Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
-    where a half-resolution network puts its velocity.
+    where a half-resolution network puts its velocity. With ``auto_refine``, a network result that
+    aligns the pair no better than the affine alone (MIND-SSC distance) is refined with ACCURATE.
     """
     fixed_small = downsample(fixed.to(device), factor)
     moving_small = downsample(moving.to(device), factor)
     size = tuple(fixed_small.shape[2:])
     int_steps = record.get("config", {}).get("int_steps", 7)
+    info: dict = {}
     if net is not None:
         clock("network")
         with torch.no_grad():
             velocity = net.to(device).velocity(moving_small, fixed_small)
+            info["alignment"] = alignment(moving_small, fixed_small, velocity, int_steps)
+        if refiner is None and auto_refine and info["alignment"]["network"] >= info["alignment"]["affine_only"]:
+            warnings.warn("the network did not improve on the affine alignment of this pair (inputs unlike its "
+                          "training data?): refining with the accurate preset", RuntimeWarning, stacklevel=3)
+            refiner, info["auto_refined"] = Refiner(**ACCURATE), True
     else:
         velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
-    if refine_steps > 0:
+    if refiner is not None:
         clock("refine")
-        velocity = refine(velocity, moving_small, fixed_small, refine_steps, int_steps=int_steps,
-                          progress=clock.progress)
+        velocity, info["refinement"] = replace(refiner, int_steps=int_steps).execute(
+            velocity, moving_small, fixed_small, clock.progress)
+        if net is not None:
+            with torch.no_grad():
+                info["alignment"]["refined"] = alignment(moving_small, fixed_small, velocity, int_steps)["network"]
     with torch.no_grad():
         flow = displacement_from_velocity(velocity, size, int_steps)[0].cpu().numpy()
         backward = displacement_from_velocity(-velocity, size, int_steps)[0].cpu().numpy() if inverse else None
-    return flow, backward, device
+    return flow, backward, device, info
+
+
+def alignment(moving: torch.Tensor, fixed: torch.Tensor, velocity: torch.Tensor, int_steps: int) -> dict[str, float]:
+    """Mean squared MIND-SSC difference (modality independent; lower is better) between the fixed image
+    and the moving image as it is (affine only) and warped by ``velocity``."""
+    target, source = mind_ssc(fixed), mind_ssc(moving)
+    flow = displacement_from_velocity(velocity, tuple(fixed.shape[2:]), int_steps)
+    return {"affine_only": round(losses.mse(target, source).item(), 6),
+            "network": round(losses.mse(target, SpatialTransformer()(source, flow)).item(), 6)}
 
 
 def compose(flow: np.ndarray, grid: sitk.Image, transform: sitk.Transform, fixed: sitk.Image) -> sitk.Image:

@@ -1,0 +1,109 @@
+"""Refinement (instance optimisation): each similarity improves a known misalignment; MIND ignores contrast;
+early stopping stops; the safety net refines a network result that is worse than the affine alone."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import deform, phantom, smooth_field, to_image
+from SlicerVoxelMorphLib import metrics
+from SlicerVoxelMorphLib.cli import main
+from SlicerVoxelMorphLib.layers import SpatialTransformer, displacement_from_velocity
+from SlicerVoxelMorphLib.models import save_model
+from SlicerVoxelMorphLib.networks import VxmDense
+from SlicerVoxelMorphLib.preprocess import normalise
+from SlicerVoxelMorphLib.refine import Refiner, choose_similarity, mind_ssc
+
+
+def _pair(invert: bool = False):
+    """A 24^3 phantom (fixed) and a copy moved by a smooth known field (moving), with labels."""
+    image, labels = phantom((24, 24, 24), seed=2)
+    fixed = torch.from_numpy(normalise(image))[None, None]
+    fixed_labels = torch.from_numpy(labels.astype(np.float32))[None, None]
+    torch.manual_seed(0)
+    velocity = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3) * 1.2, size=(12, 12, 12),
+                                               mode="trilinear", align_corners=False)
+    flow = displacement_from_velocity(velocity, (24, 24, 24))
+    moving = SpatialTransformer()(fixed, flow)
+    moving_labels = SpatialTransformer("nearest")(fixed_labels, flow)
+    if invert:
+        moving = 1.0 - moving
+    return moving, fixed, moving_labels, fixed_labels
+
+
+def _dice(fixed_labels, moving_labels, velocity) -> float:
+    flow = displacement_from_velocity(velocity, tuple(fixed_labels.shape[2:]), steps=5)
+    warped = SpatialTransformer("nearest")(moving_labels, flow)
+    values = metrics.dice(fixed_labels[0, 0].numpy().astype(int), warped[0, 0].numpy().astype(int), [1, 2, 3])
+    return float(np.mean(list(values.values())))
+
+
+@pytest.mark.parametrize(("similarity", "invert"), [("ncc", False), ("mind", False), ("mind", True)])
+def test_refinement_lowers_the_loss_and_raises_dice(similarity, invert):
+    moving, fixed, moving_labels, fixed_labels = _pair(invert)
+    start = torch.zeros(1, 3, 12, 12, 12)
+    velocity, record = Refiner(steps=30, similarity=similarity, velocity_factor=2, window=5, int_steps=5,
+                               patience=30).execute(start, moving, fixed)
+    assert record["similarity"] == similarity and velocity.shape[2:] == (24, 24, 24)
+    assert record["loss_last"] < record["loss_first"]
+    before = _dice(fixed_labels, moving_labels, torch.zeros(1, 3, 24, 24, 24))
+    after = _dice(fixed_labels, moving_labels, velocity)
+    assert after > before + 0.03, (before, after)
+
+
+def test_mind_descriptors_ignore_an_intensity_inversion_and_rescaling():
+    image, _ = phantom((24, 24, 24), seed=1)
+    x = torch.from_numpy(normalise(image))[None, None]
+    reference = mind_ssc(x)
+    assert reference.shape == (1, 12, 24, 24, 24)
+    torch.testing.assert_close(mind_ssc(1.0 - x), reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mind_ssc(3.0 * x + 7.0), reference, atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(mind_ssc(x ** 3), reference, atol=1e-2)  # it does see structure change
+
+
+def test_auto_similarity_follows_the_contrast():
+    moving, fixed, _, _ = _pair()
+    assert choose_similarity("auto", moving, fixed) == "ncc"
+    assert choose_similarity("auto", 1.0 - moving, fixed) == "mind"
+    assert choose_similarity("mind", moving, fixed) == "mind"
+    with pytest.raises(ValueError, match="similarity"):
+        choose_similarity("mi", moving, fixed)
+
+
+def test_early_stopping_stops_when_the_loss_plateaus():
+    _, fixed, _, _ = _pair()
+    _, record = Refiner(steps=200, similarity="ncc", window=5, patience=5, int_steps=5).execute(
+        torch.zeros(1, 3, 12, 12, 12), fixed.clone(), fixed)
+    assert record["steps_run"] < 50
+
+
+def test_a_network_worse_than_the_affine_is_caught_and_refined(tmp_path, capsys):
+    torch.manual_seed(0)
+    net = VxmDense("vm1", half_res=True, int_steps=5)
+    with torch.no_grad():
+        net.flow.bias.fill_(4.0)  # a bad model: every voxel pushed 4 voxels (8 mm) along each axis
+    save_model(tmp_path / "bad.pt", net, 2.0, {"name": "bad"})
+    image, labels = phantom((40, 44, 36), seed=5)
+    fixed, fixed_labels = to_image(image, (2.0, 2.0, 2.0)), to_image(labels, (2.0, 2.0, 2.0))
+    field = smooth_field(fixed, amplitude=4.0, seed=3, sigma_mm=16.0)
+    paths = {"fixed": fixed, "fixed_labels": fixed_labels, "moving": deform(fixed, field, sitk.sitkLinear),
+             "moving_labels": deform(fixed_labels, field, sitk.sitkNearestNeighbor)}
+    for name, im in paths.items():
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(im, paths[name])
+    base = ["register", "--fixed", paths["fixed"], "--moving", paths["moving"], "--fixed-labels",
+            paths["fixed_labels"], "--moving-labels", paths["moving_labels"], "--model", str(tmp_path / "bad.pt"),
+            "--quiet"]
+    assert main([*base, "--no-auto-refine", "--out", str(tmp_path / "raw")]) == 0
+    raw = json.loads((tmp_path / "raw" / "report.json").read_text())
+    assert raw["alignment"]["network"] > raw["alignment"]["affine_only"]  # the check sees the damage
+    assert "refinement" not in raw and raw["mean_dice_after"] < raw["mean_dice_before"]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "safe")]) == 0
+    assert "did not improve on the affine" in capsys.readouterr().err
+    safe = json.loads((tmp_path / "safe" / "report.json").read_text())
+    assert safe["auto_refined"] and safe["alignment"]["refined"] < safe["alignment"]["network"]
+    assert safe["mean_dice_after"] > raw["mean_dice_after"] + 0.1
