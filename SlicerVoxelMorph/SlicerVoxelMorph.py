@@ -51,7 +51,10 @@ class SlicerVoxelMorph(ScriptedLoadableModule):
         self.parent.contributors = ["SlicerVoxelMorph contributors (https://github.com/SlicerVoxelMorph)"]
         self.parent.helpText = _("""
 Deformable registration of a moving volume to a fixed volume with a VoxelMorph network
-(optionally refined by instance optimisation) after an affine pre-alignment.
+(optionally refined by instance optimisation) after an affine pre-alignment. Requires Slicer 5.10 or later.
+The bundled model was trained on adult brain MRI (LPBA40 T1, with images synthesised in other contrasts and
+with skull): for other contrasts, scanners or anatomy use Accurate mode, which adapts the result to the pair.
+Research use only: not a medical device.
 Outputs: the warped volume on the fixed grid, a grid transform (resampling convention, fixed to moving)
 that can be applied to any node, the Jacobian determinant of the deformation, and a Dice table when
 label maps or segmentations are given. Segments are matched by name, label map values by value.
@@ -93,7 +96,8 @@ class Mode(enum.Enum):
     ACCURATE = "accurate"
 
     def label(self) -> str:
-        return {"fast": _("Fast (network only)"), "accurate": _("Accurate (network + refinement)")}[self.value]
+        return {"fast": _("Fast (network only)"),
+                "accurate": _("Accurate (network + refinement for this pair)")}[self.value]
 
 
 @parameterNodeWrapper
@@ -205,7 +209,7 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None:
             return
         self.ui.modelPathLineEdit.enabled = p.modelSource == ModelSource.FILE
-        self.ui.refineIterationsSpinBox.enabled = p.mode == Mode.ACCURATE or p.modelSource == ModelSource.NONE
+        self.ui.refineIterationsSpinBox.enabled = p.modelSource == ModelSource.NONE
         self.ui.jacobianSelector.enabled = p.computeJacobian
         self.ui.cancelButton.enabled = self._running
         problem = self.logic.inputProblem(p) if not self._running else _("Registration is running")
@@ -260,8 +264,7 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SlicerVoxelMorphLib.scene import ProgressTracker, summary_text
 
         p = self._parameterNode
-        refineSteps = self.logic.refineSteps(p)
-        tracker = ProgressTracker(affine=p.affine, refine=refineSteps > 0)
+        tracker = ProgressTracker(affine=p.affine, refine=self.logic.refineSteps(p) > 0 or self.logic.accurate(p))
         dialog = slicer.util.createProgressDialog(windowTitle=_("VoxelMorph registration"),
                                                   labelText=_("Starting..."), maximum=100)
         self._running, self._cancelRequested = True, False
@@ -385,9 +388,12 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def refineSteps(p) -> int:
-        if p.mode == Mode.ACCURATE or p.modelSource == ModelSource.NONE:
-            return int(p.refineIterations)
-        return 0
+        """Refinement steps of the optimisation-only mode (Accurate mode with a model uses the preset)."""
+        return int(p.refineIterations) if p.modelSource == ModelSource.NONE else 0
+
+    @staticmethod
+    def accurate(p) -> bool:
+        return p.mode == Mode.ACCURATE and p.modelSource != ModelSource.NONE
 
     def processParameterNode(self, p, progress=None) -> RegistrationOutputs:
         """Run with the panel's settings and store the created output nodes back in the parameter node."""
@@ -399,7 +405,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             warpedVolume=p.warpedVolume, transform=p.outputTransform,
             jacobianVolume=p.jacobianVolume if p.computeJacobian else None, computeJacobian=p.computeJacobian,
             diceTable=p.diceTable, model=self.modelArgument(p), device=p.device.value,
-            refineSteps=self.refineSteps(p), affine=p.affine, progress=progress)
+            refineSteps=self.refineSteps(p), accurate=self.accurate(p), affine=p.affine, progress=progress)
         p.warpedVolume = outputs.warpedVolume
         p.outputTransform = outputs.transform
         if outputs.jacobianVolume is not None:
@@ -412,7 +418,8 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
 
     def process(self, fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, *, warpedVolume=None,
                 transform=None, jacobianVolume=None, computeJacobian=True, diceTable=None, model="bundled",
-                device="auto", refineSteps=0, affine=True, progress=None, showResult=True) -> RegistrationOutputs:
+                device="auto", refineSteps=0, accurate=False, affine=True, progress=None,
+                showResult=True) -> RegistrationOutputs:
         """Register ``movingVolume`` to ``fixedVolume`` and write the results into the scene.
 
         Output nodes that are None are created (and marked as the module's own). Label inputs are label map
@@ -436,7 +443,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             labelArgs = self.labelImages(fixedLabels, fixedVolume, fixed, movingLabels, movingVolume, moving)
 
         result = register(fixed, moving, model=model, device=device, refine_steps=int(refineSteps),
-                          affine=bool(affine), progress=progress, **labelArgs)
+                          accurate=bool(accurate), affine=bool(affine), progress=progress, **labelArgs)
 
         warped = self.writeVolume(warpedVolume, result.warped, movingVolume.GetName() + " warped", "warped")
         gridTransform = self.writeGridTransform(transform, result.displacement,
