@@ -170,3 +170,15 @@ def test_ct_sized_and_small_animal_images_are_refused_in_one_line():
     slab = _image((200, 200, 2), (1.0, 1.0, 5.0))
     with pytest.raises(InputError, match="at least 32 mm"):
         register(slab, slab, model="none")
+
+
+def test_masks_on_another_grid_or_empty_are_named(files, tmp_path, capsys):
+    base = ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none", "--refine", "1",
+            "--out", str(tmp_path / "o")]
+    small = _write(tmp_path / "small_mask.nii.gz", to_image(np.ones((8, 8, 8), np.uint8)))
+    _expect_error(capsys, [*base, "--fixed-mask", small], "fixed mask", "another grid")
+    reference = sitk.ReadImage(files["moving"])
+    empty = to_image(np.zeros(sitk.GetArrayFromImage(reference).shape, np.uint8), reference.GetSpacing(),
+                     reference.GetOrigin())
+    _expect_error(capsys, [*base, "--moving-mask", _write(tmp_path / "empty_mask.nii.gz", empty)], "moving mask",
+                  "empty")

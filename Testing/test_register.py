@@ -222,3 +222,27 @@ def test_cancelling_during_a_stage_stops_the_registration(pair, stage):
     with pytest.raises(Cancelled):
         register(fixed, moving, model=None, refine_steps=30, progress=progress)
     assert seen[-1] == stage and "compose" not in seen
+
+
+def test_a_moving_mask_hiding_a_lesion_keeps_the_field_of_the_lesion_free_pair():
+    image, _ = phantom((40, 44, 36), seed=9)
+    fixed = to_image(image)
+    moving = deform(fixed, smooth_field(fixed, amplitude=3.0, seed=6), sitk.sitkLinear)
+    k, j, i = np.mgrid[0:40, 0:44, 0:36]
+    blob = (k - 20) ** 2 + (j - 24) ** 2 + (i - 14) ** 2 <= 16  # a 4-voxel lesion inside the object
+    lesion = sitk.GetArrayFromImage(moving)
+    lesion[blob] = 3 * lesion.max()
+    with_lesion = to_image(lesion)
+    hide = to_image((~((k - 20) ** 2 + (j - 24) ** 2 + (i - 14) ** 2 <= 25)).astype(np.uint8))
+    settings = {"model": None, "refine_steps": 40, "affine": False}
+
+    def field(moving_image, mask=None):
+        return sitk.GetArrayFromImage(register(fixed, moving_image, moving_mask=mask, **settings).displacement)
+
+    r2 = (k - 20) ** 2 + (j - 24) ** 2 + (i - 14) ** 2
+    around = (r2 > 25) & (r2 <= 100) & _foreground(fixed)  # just outside the hidden region
+    pulled = np.linalg.norm(field(with_lesion) - field(moving), axis=-1)
+    assert pulled[around].mean() > 0.1  # without a mask the lesion pulls the field around it ...
+    hidden = np.linalg.norm(field(with_lesion, hide) - field(moving, hide), axis=-1)
+    assert hidden[around].mean() < 0.2 * pulled[around].mean()  # ... with it, the lesion hardly matters
+    assert hidden[_foreground(fixed)].mean() < 0.05

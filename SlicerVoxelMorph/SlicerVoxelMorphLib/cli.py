@@ -125,6 +125,8 @@ def run_register(args: argparse.Namespace) -> None:
     moving = read_image(args.moving, "moving image")
     fixed_labels = read_image(args.fixed_labels, "fixed labels") if args.fixed_labels else None
     moving_labels = read_image(args.moving_labels, "moving labels") if args.moving_labels else None
+    fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
+    moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
     check_output(out, args.overwrite)
     refine_steps = args.refine if args.refine is not None else (0 if args.model != "none" else 100)
     bar = _progress_bar(args.quiet, total=100, leave=False, bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}")
@@ -141,7 +143,8 @@ def run_register(args: argparse.Namespace) -> None:
             result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                               label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
                               accurate=args.accurate, similarity=args.similarity, auto_refine=not args.no_auto_refine,
-                              affine=not args.no_affine, inverse=args.inverse, progress=progress)
+                              affine=not args.no_affine, inverse=args.inverse, fixed_mask=fixed_mask,
+                              moving_mask=moving_mask, progress=progress)
     finally:
         bar.close()
     images_level, fields_level = COMPRESSION[args.compression]
@@ -245,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed-labels", help="label map of the fixed image (for Dice)")
     r.add_argument("--moving-labels", help="label map of the moving image (warped with nearest neighbour)")
     r.add_argument("--label-names", help="CSV with columns id,name")
+    r.add_argument("--fixed-mask", help="binary mask on the fixed grid: only voxels inside are compared")
+    r.add_argument("--moving-mask", help="binary mask on the moving grid (e.g. excluding a lesion or the skull)")
     r.add_argument("--model", default="bundled", help="'bundled' (default), 'none' (classical), or a model file")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--accurate", action="store_true",

@@ -65,6 +65,20 @@ def check_labels(labels: sitk.Image, image: sitk.Image, what: str = "labels") ->
     return sitk.Cast(labels, sitk.sitkInt32)
 
 
+def check_mask(mask: sitk.Image, image: sitk.Image, what: str = "mask") -> sitk.Image:
+    """A binary mask (non-zero = inside) on its image's grid, as uint8 0/1; InputError otherwise."""
+    if mask.GetDimension() != 3 or mask.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} must be a 3D scalar image")
+    if not same_grid(mask, image):
+        raise InputError(f"{what} is on another grid (size, spacing, origin or direction) than its image")
+    inside = sitk.GetArrayViewFromImage(mask) != 0
+    if not inside.any():
+        raise InputError(f"{what} is empty: no voxel inside")
+    out = sitk.GetImageFromArray(inside.astype(np.uint8))
+    out.CopyInformation(image)
+    return out
+
+
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     """True when two images share size, spacing, origin and direction."""
     return (a.GetSize() == b.GetSize()

@@ -17,20 +17,43 @@ def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     return x / window**3
 
 
-def ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
-    """Negative mean squared local normalised cross-correlation over a cubic ``window``."""
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` (over all elements), or weighted by ``weight`` (broadcast over channels)."""
+    if weight is None:
+        return values.mean()
+    weight = weight.expand_as(values)
+    return (values * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+def ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5,
+        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative mean squared local normalised cross-correlation over a cubic ``window``.
+
+    With ``weight`` (e.g. a 0/1 mask of the voxels to compare) the local means and variances are
+    weighted averages over the window and the mean over voxels is weighted too, so voxels of weight 0
+    take no part at all.
+    """
     fixed, warped = fixed.float(), warped.float()
-    mu_f, mu_w = box_mean(fixed, window), box_mean(warped, window)
-    cross = box_mean(fixed * warped, window) - mu_f * mu_w
-    var_f = box_mean(fixed * fixed, window) - mu_f * mu_f
-    var_w = box_mean(warped * warped, window) - mu_w * mu_w
+    if weight is None:
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return box_mean(x, window)
+    else:
+        weight = weight.float()
+        total = box_mean(weight, window).clamp_min(1e-6)
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return box_mean(weight * x, window) / total
+    mu_f, mu_w = mean(fixed), mean(warped)
+    cross = mean(fixed * warped) - mu_f * mu_w
+    var_f = mean(fixed * fixed) - mu_f * mu_f
+    var_w = mean(warped * warped) - mu_w * mu_w
     cc = cross * cross / (var_f * var_w + eps)
-    return -cc.mean()
+    return -weighted_mean(cc, weight)
 
 
-def mse(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-    """Mean squared intensity difference."""
-    return ((fixed - warped) ** 2).mean()
+def mse(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared intensity difference (weighted by ``weight`` where given)."""
+    return weighted_mean((fixed - warped) ** 2, weight)
 
 
 def grad(flow: torch.Tensor, penalty: str = "l2") -> torch.Tensor:

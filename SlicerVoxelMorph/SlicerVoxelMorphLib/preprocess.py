@@ -98,9 +98,18 @@ def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | No
     return sitk.Resample(image, grid, transform, sitk.sitkLinear, fill, sitk.sitkFloat32)
 
 
-def prepare(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
-    """The network's view of an image on the working grid: resampled, normalised, (K, J, I) float32."""
-    return normalise(sitk.GetArrayFromImage(resample(image, grid, transform)))
+def prepare(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
+            mask: sitk.Image | None = None) -> np.ndarray:
+    """The network's view of an image on the working grid: resampled, normalised, (K, J, I) float32.
+
+    With a ``mask`` (on the image's grid) the intensity window comes from the voxels inside it and
+    everything outside is set to 0, so what the mask hides changes nothing.
+    """
+    array = sitk.GetArrayFromImage(resample(image, grid, transform))
+    if mask is None:
+        return normalise(array)
+    inside = sitk.GetArrayViewFromImage(resample(mask, grid, transform, labels=True)) > 0
+    return scale_to_window(array, *intensity_window(array[inside])) * inside
 
 
 def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
@@ -108,8 +117,9 @@ def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
     return normalise(sitk.GetArrayFromImage(image)) > fraction
 
 
-def affine_align(fixed: sitk.Image, moving: sitk.Image,
-                 progress: Callable[[str, float], None] | None = None, iterations: int = 100) -> sitk.AffineTransform:
+def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float], None] | None = None,
+                 iterations: int = 100, fixed_mask: sitk.Image | None = None,
+                 moving_mask: sitk.Image | None = None) -> sitk.AffineTransform:
     """Affine transform mapping fixed-space points to moving-space points (ITK resampling direction).
 
     Moments initialisation on normalised copies (moments of raw CT or z-scored MR intensities mean
@@ -132,6 +142,10 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image,
     method.SetSmoothingSigmasPerLevel([2.0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(transform, inPlace=True)
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
     cancelled = []
 
     def report() -> None:

@@ -80,9 +80,11 @@ class Refiner:
     int_steps: int = 7
 
     def execute(self, velocity: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
-                progress: Callable[[str, float], None] | None = None) -> tuple[torch.Tensor, dict]:
+                progress: Callable[[str, float], None] | None = None, fixed_mask: torch.Tensor | None = None,
+                moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The refined velocity (voxels of its own grid, possibly finer than the input's) and a record:
-        similarity used, steps run, first and last loss."""
+        similarity used, steps run, first and last loss. Masks (0/1, on the images' grid) restrict the
+        similarity to voxels inside the fixed mask whose warped position lies inside the moving mask."""
         similarity = choose_similarity(self.similarity, moving, fixed)
         if self.velocity_factor > 1:
             velocity = self.velocity_factor * F.interpolate(velocity, scale_factor=self.velocity_factor,
@@ -99,10 +101,15 @@ class Refiner:
         for step in range(self.steps):
             flow = displacement_from_velocity(velocity, size, self.int_steps)
             warped = warp(source, flow)
+            weight = None
+            if fixed_mask is not None or moving_mask is not None:
+                weight = fixed_mask if fixed_mask is not None else torch.ones_like(fixed)
+                if moving_mask is not None:
+                    weight = weight * warp(moving_mask, flow)
             if similarity == "mind":
-                match = losses.mse(target, warped)
+                match = losses.mse(target, warped, weight)
             else:
-                match = losses.ncc(target, warped, self.window)
+                match = losses.ncc(target, warped, self.window, weight=weight)
             loss = match + self.smooth_weight * losses.grad(velocity)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

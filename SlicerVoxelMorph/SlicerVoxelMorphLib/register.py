@@ -14,7 +14,16 @@ from .devices import pick_device
 from .errors import InputError
 from .layers import SpatialTransformer, displacement_from_velocity, downsample, sample_at
 from .models import load_model, resolve_model, versions
-from .preprocess import WORKING_SPACING_MM, affine_align, check_scale, foreground_mask, grid_for, level_factor, prepare
+from .preprocess import (
+    WORKING_SPACING_MM,
+    affine_align,
+    check_scale,
+    foreground_mask,
+    grid_for,
+    level_factor,
+    prepare,
+    resample,
+)
 from .refine import Refiner, mind_ssc
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
@@ -66,12 +75,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
              moving_labels: sitk.Image | None = None, label_names: dict[int, str] | None = None,
              model: str | None = "bundled", device: str = "auto", refine_steps: int = 0, accurate: bool = False,
              similarity: str = "auto", auto_refine: bool = True, affine: bool = True, inverse: bool = False,
+             fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
              progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
     Refinement: ``accurate`` (the ACCURATE preset) or ``refine_steps`` steps with the same settings,
     ``similarity`` 'auto', 'ncc' or 'mind'; with ``auto_refine`` the network's result is checked and
-    refined when it does not improve on the affine alignment (a warning says so).
+    refined when it does not improve on the affine alignment (a warning says so). Masks (binary, on
+    their image's grid) hide what is outside them from the affine metric, the network and the
+    refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
+    fixed mask.
     The result lives on the fixed image's grid; with ``inverse`` also the inverse field on the moving
     image's grid (velocity integrated backwards, inverse affine). ``progress(stage, fraction)`` is called often; it may
     raise ``errors.Cancelled`` to stop. Bad input raises ``errors.InputError``.
@@ -93,34 +106,46 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         ids = sorted(set(fixed_ids) & set(moving_ids))
         if not ids:
             raise InputError("fixed and moving label maps share no label")
+    if fixed_mask is not None:
+        fixed_mask = images.check_mask(fixed_mask, fixed, "fixed mask")
+    if moving_mask is not None:
+        moving_mask = images.check_mask(moving_mask, moving, "moving mask")
     model_path = resolve_model(model)
     net, record = load_model(model_path) if model_path is not None else (None, {})
     torch_device = pick_device(device)
 
     clock("affine")
-    transform = affine_align(fixed, moving, clock.progress) if affine else sitk.AffineTransform(3)
+    transform = affine_align(fixed, moving, clock.progress, fixed_mask=fixed_mask, moving_mask=moving_mask) \
+        if affine else sitk.AffineTransform(3)
 
     clock("resample")
     spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
     factor = level_factor(spacing)
     fixed_foreground = foreground_mask(fixed)
+    if fixed_mask is not None:
+        fixed_foreground = sitk.GetArrayViewFromImage(fixed_mask) > 0
     grid = grid_for(fixed, fixed_foreground, spacing)
-    f = torch.from_numpy(prepare(fixed, grid))[None, None]
-    m = torch.from_numpy(prepare(moving, grid, transform))[None, None]
+    f = torch.from_numpy(prepare(fixed, grid, None, fixed_mask))[None, None]
+    m = torch.from_numpy(prepare(moving, grid, transform, moving_mask))[None, None]
+    masks = [None if mask is None else torch.from_numpy(sitk.GetArrayFromImage(resample(mask, grid, t, labels=True))
+                                                        .astype(np.float32))[None, None]
+             for mask, t in ((fixed_mask, None), (moving_mask, transform))]
 
     def refiner() -> Refiner | None:
         if accurate:
             return Refiner(**ACCURATE, similarity=similarity)
-        return Refiner(**{**ACCURATE, "steps": refine_steps}, similarity=similarity) if refine_steps > 0 else None
+        if refine_steps <= 0:
+            return None  # experts' --refine N: exactly N steps (no early stop) with the accurate settings
+        return Refiner(**{**ACCURATE, "steps": refine_steps, "patience": refine_steps}, similarity=similarity)
 
     try:
         flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), auto_refine,
-                                                          torch_device, clock, inverse)
+                                                          torch_device, clock, inverse, masks)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
         flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), auto_refine,
-                                                          torch.device("cpu"), clock, inverse)
+                                                          torch.device("cpu"), clock, inverse, masks)
 
     clock("compose")
     coarse = images.downsampled_grid(grid, factor)
@@ -141,6 +166,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     jacobian = sitk.GetImageFromArray(det)
     jacobian.CopyInformation(fixed)
     mask = (sitk.GetArrayViewFromImage(fixed_labels) > 0) if fixed_labels is not None else fixed_foreground
+    if fixed_mask is not None:
+        mask = mask & (sitk.GetArrayViewFromImage(fixed_mask) > 0)
     report = {
         "device": str(used), "model": record.get("name", "none"), "model_sha256": record.get("sha256"),
         "refine_steps": refine_steps, "accurate": accurate, "affine": affine, **deform_report,
@@ -166,8 +193,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refiner: Refiner | None,
-            auto_refine: bool, device: torch.device, clock: _Clock, inverse: bool = False
-            ) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
+            auto_refine: bool, device: torch.device, clock: _Clock, inverse: bool = False,
+            masks: list[torch.Tensor | None] | None = None) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
     """Network prediction and optional refinement at the network's image level (the working grid
     downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level, with
     ``inverse`` that of the inverse (the velocity integrated backwards), and a report.
@@ -178,6 +205,8 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
     """
     fixed_small = downsample(fixed.to(device), factor)
     moving_small = downsample(moving.to(device), factor)
+    fixed_mask, moving_mask = (None if mask is None else (downsample(mask.to(device), factor) > 0.5).float()
+                               for mask in (masks or [None, None]))
     size = tuple(fixed_small.shape[2:])
     int_steps = record.get("config", {}).get("int_steps", 7)
     info: dict = {}
@@ -195,7 +224,7 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
     if refiner is not None:
         clock("refine")
         velocity, info["refinement"] = replace(refiner, int_steps=int_steps).execute(
-            velocity, moving_small, fixed_small, clock.progress)
+            velocity, moving_small, fixed_small, clock.progress, fixed_mask, moving_mask)
         if net is not None:
             with torch.no_grad():
                 info["alignment"]["refined"] = alignment(moving_small, fixed_small, velocity, int_steps)["network"]
