@@ -16,6 +16,22 @@ Deformable registration of two skull-stripped T1-weighted brain MRIs of adults, 
 affine pre-alignment (on by default). Research use only: not a medical device, not validated for
 clinical decisions."""
 
+INTENDED_USE_SYNTH = """\
+Deformable registration of two brain MRIs of adults, T1-, T2- or FLAIR-like, skull-stripped or with
+skull and scalp, after the engine's affine pre-alignment (on by default). For inputs unlike these, use
+`--accurate` (Slicer: Accurate mode). Research use only: not a medical device, not validated for
+clinical decisions."""
+
+SYNTHESIS = """\
+  label maps: the 56 LPBA40 structures, each split into CSF / grey / white matter by 1D k-means of the
+  subject's intensities in the brain, plus CSF rim, skull and scalp layers of random thickness
+  (1-8 mm each, smoothly varying) drawn around the brain in 60 % of images; each image: random affine
+  (rotation +-10 deg, log-scale +-0.12, shear +-0.05) and a random stationary velocity field (SD up to
+  3 voxels at 1/8 resolution, integrated), CSF grown into neighbouring tissue in half of them
+  (atrophy), one random intensity per tissue class (or per label, 30 %) with per-structure jitter,
+  Gaussian noise per label, blur (SD up to 1 voxel), bias field, resolution loss along one axis (30 %),
+  gamma and noise; the moving and fixed maps are two subjects (or one, 20 %), each with its own contrast"""
+
 LIMITS = """\
 - Trained on 24 LPBA40 subjects (one site, one scanner protocol, healthy young adults); other
   contrasts, children, large lesions, or images with skull will register worse: use `--refine`
@@ -23,6 +39,15 @@ LIMITS = """\
 - The network sees images at 2 mm and predicts a velocity at 4 mm; structures smaller than a few
   millimetres are aligned by the refinement step, not by the network alone.
 - Dice figures below are on validation subjects of the same data set, not on an independent test set."""
+
+
+LIMITS_SYNTH = """\
+- The anatomy comes from 25 LPBA40 label maps (healthy young adults), widened by random deformations;
+  contrasts and heads are synthetic. Real T2/FLAIR scans, children, large lesions (use a mask) and
+  strong atrophy were not in training: check the result, and use `--accurate` when in doubt.
+- The network sees images at 2 mm and predicts a velocity at 4 mm.
+- Figures below are on LPBA40 validation subjects with remapped contrasts and synthetic heads, not on
+  real other-contrast scans or an independent test set."""
 
 
 def render(record: dict, evaluation: str | None) -> str:
@@ -52,6 +77,11 @@ def render(record: dict, evaluation: str | None) -> str:
         f"scaling and squaring with {c['int_steps']} steps (diffeomorphic).",
         "",
         "## Training",
+        *([f"- {c['synth_fraction']:.0%} of iterations on pairs synthesised from the label maps "
+           "(SynthMorph-style; loss: soft Dice of 16 random brain structures + smoothness, no image similarity):",
+           SYNTHESIS, f"- warm start: {c['init_model']}",
+           f"- the other {1 - c['synth_fraction']:.0%}: real pairs as below"]
+          if c.get("synth_fraction") else []),
         f"- pairs: {c['mode']}-to-scan, {c['atlas_fraction']:.0%} of pairs to the atlas" if c["mode"] == "scan"
         else "- pairs: all to the atlas",
         f"- loss: NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness of the velocity "
@@ -61,16 +91,22 @@ def render(record: dict, evaluation: str | None) -> str:
         f"- Adam, learning rate {c['lr']}, batch 1, seed {c['seed']}",
         f"- iterations: {t['iterations']}, training wall time {t['seconds'] / 3600:.2f} h on {t['hardware']}",
         f"- library versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}",
-        "- command: see `training/lpba40/COMMAND` in the repository; resume with `--resume`.",
+        f"- command: see `training/{record['name']}/COMMAND` in the repository; resume with `--resume`.",
         "",
-        "## Validation (during training, no affine, network only)",
+        "## Validation (during training, no affine, network only, at the iteration of this file)",
         f"- mean Dice over labels, validation pairs to the atlas: {v.get('val_dice', float('nan')):.4f}",
+        *[f"- the same with {kind} moving images: {v[f'val_dice_{kind}']:.4f}"
+          for kind in ("inverted", "t2", "flair", "monotone", "nonmonotone") if f"val_dice_{kind}" in v],
+        *([f"- the same with a synthetic head on both: {v['val_dice_head']:.4f}",
+           f"- worst of these (the selection criterion): {v['val_worst']:.4f}"] if "val_worst" in v else []),
         f"- % voxels with det J <= 0 in the brain: {v.get('val_folding_percent', float('nan')):.4f}",
         "",
     ]
     if evaluation:
         lines += ["## Evaluation (measured with the full `register` pipeline)", evaluation.strip(), ""]
-    lines += ["## Intended use", INTENDED_USE, "", "## Limits", LIMITS, ""]
+    synthetic = bool(c.get("synth_fraction"))
+    lines += ["## Intended use", INTENDED_USE_SYNTH if synthetic else INTENDED_USE, "", "## Limits",
+              LIMITS_SYNTH if synthetic else LIMITS, ""]
     return "\n".join(lines)
 
 

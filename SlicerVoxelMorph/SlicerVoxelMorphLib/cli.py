@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--label-names", help="CSV with columns id,name")
     r.add_argument("--fixed-mask", help="binary mask on the fixed grid: only voxels inside are compared")
     r.add_argument("--moving-mask", help="binary mask on the moving grid (e.g. excluding a lesion or the skull)")
-    r.add_argument("--model", default="bundled", help="'bundled' (default), 'none' (classical), or a model file")
+    r.add_argument("--model", default="bundled",
+                   help="'bundled' (default), a bundled model's name (e.g. lpba40), 'none' (classical), or a file")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--accurate", action="store_true",
                    help="refine the network's result by instance optimisation with the measured best schedule")

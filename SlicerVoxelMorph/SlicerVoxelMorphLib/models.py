@@ -17,7 +17,9 @@ from .networks import VxmDense
 FORMAT = "slicer-voxelmorph-model"
 FORMAT_VERSION = 2  # 2: the hash also covers the architecture, spacing and normalisation
 SEALED = ("config", "spacing_mm", "normalisation")  # what the network's output depends on besides weights
-BUNDLED = Path(__file__).parent / "bundled" / "lpba40.pt"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+DEFAULT_MODEL = "lpba40"  # the file bundled/<name>.pt that --model bundled means
+BUNDLED = BUNDLED_DIR / f"{DEFAULT_MODEL}.pt"
 
 
 def versions() -> dict[str, str]:
@@ -88,12 +90,20 @@ def load_model(path: str | Path) -> tuple[VxmDense, dict]:
     return net.eval(), record
 
 
+def bundled_names() -> list[str]:
+    """Names of the bundled models (files bundled/<name>.pt)."""
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.pt"))
+
+
 def resolve_model(model: str | Path | None) -> Path | None:
-    """Model path for a ``--model`` value: 'bundled' (the default model), 'none', or a file."""
+    """Model path for a ``--model`` value: 'bundled' (the default model), the name of a bundled model
+    (e.g. 'lpba40'), 'none', or a file."""
     if model is None or str(model) == "none":
         return None
     if str(model) == "bundled":
         if not BUNDLED.is_file():
             raise InputError("no bundled model is installed; use --model none or a model file")
         return BUNDLED
+    if str(model) in bundled_names():
+        return BUNDLED_DIR / f"{model}.pt"
     return Path(model)
