@@ -39,21 +39,27 @@ def to_image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
     return image
 
 
+def write_phantom_pair(folder: Path, shape=(40, 44, 36), spacing=(1.0, 1.1, 0.9), origin=(10.0, -5.0, 3.0),
+                       amplitude: float = 4.0, field_seed: int = 1, sigma_mm: float = 6.0,
+                       phantom_seed: int = 0) -> tuple[dict[str, Path], sitk.Image]:
+    """Fixed and moving phantoms with labels (moving = fixed under a smooth known warp) written to NIfTI
+    files in ``folder``; returns their paths and the field."""
+    image, labels = phantom(shape, seed=phantom_seed)
+    fixed, fixed_labels = to_image(image, spacing, origin), to_image(labels, spacing, origin)
+    field = smooth_field(fixed, amplitude=amplitude, seed=field_seed, sigma_mm=sigma_mm)
+    images = {"fixed": fixed, "moving": deform(fixed, field, sitk.sitkLinear), "fixed_labels": fixed_labels,
+              "moving_labels": deform(fixed_labels, field, sitk.sitkNearestNeighbor)}
+    paths = {}
+    for name, im in images.items():
+        paths[name] = Path(folder) / f"{name}.nii.gz"
+        sitk.WriteImage(im, str(paths[name]))
+    return paths, field
+
+
 @pytest.fixture
 def pair(tmp_path):
     """Fixed and moving phantoms (moving = fixed under a smooth known warp) written to NIfTI files."""
-    image, labels = phantom()
-    fixed = to_image(image, (1.0, 1.1, 0.9), (10.0, -5.0, 3.0))
-    fixed_labels = to_image(labels, (1.0, 1.1, 0.9), (10.0, -5.0, 3.0))
-    field = smooth_field(fixed, amplitude=4.0, seed=1)
-    moving = deform(fixed, field, sitk.sitkLinear)
-    moving_labels = deform(fixed_labels, field, sitk.sitkNearestNeighbor)
-    paths = {}
-    for name, im in (("fixed", fixed), ("moving", moving), ("fixed_labels", fixed_labels),
-                     ("moving_labels", moving_labels)):
-        paths[name] = tmp_path / f"{name}.nii.gz"
-        sitk.WriteImage(im, str(paths[name]))
-    return paths, field
+    return write_phantom_pair(tmp_path)
 
 
 def smooth_field(reference: sitk.Image, amplitude: float, seed: int, sigma_mm: float = 6.0) -> sitk.Image:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import write_phantom_pair
 from SlicerVoxelMorphLib import metrics
 from SlicerVoxelMorphLib.cli import main
 
@@ -14,18 +15,9 @@ from SlicerVoxelMorphLib.cli import main
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A phantom pair registered with --inverse (classical refinement: a real, non-trivial field)."""
-    from conftest import deform, phantom, smooth_field, to_image
-
     tmp = tmp_path_factory.mktemp("apply")
-    image, labels = phantom()
-    fixed = to_image(image, (1.0, 1.1, 0.9), (10.0, -5.0, 3.0))
-    fixed_labels = to_image(labels, (1.0, 1.1, 0.9), (10.0, -5.0, 3.0))
-    field = smooth_field(fixed, amplitude=3.0, seed=4)
-    paths = {"fixed": fixed, "fixed_labels": fixed_labels, "moving": deform(fixed, field, sitk.sitkLinear),
-             "moving_labels": deform(fixed_labels, field, sitk.sitkNearestNeighbor)}
-    for name, im in paths.items():
-        sitk.WriteImage(im, str(tmp / f"{name}.nii.gz"))
-    paths = {name: str(tmp / f"{name}.nii.gz") for name in paths}
+    paths, _ = write_phantom_pair(tmp, amplitude=3.0, field_seed=4)
+    paths = {name: str(path) for name, path in paths.items()}
     out = tmp / "out"
     assert main(["register", "--fixed", paths["fixed"], "--moving", paths["moving"], "--fixed-labels",
                  paths["fixed_labels"], "--moving-labels", paths["moving_labels"], "--model", "none", "--refine",

@@ -5,10 +5,9 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
-from conftest import deform, phantom, smooth_field, to_image
+from conftest import phantom, write_phantom_pair
 from SlicerVoxelMorphLib import metrics
 from SlicerVoxelMorphLib.cli import main
 from SlicerVoxelMorphLib.layers import SpatialTransformer, displacement_from_velocity
@@ -86,14 +85,9 @@ def test_a_network_worse_than_the_affine_is_caught_and_refined(tmp_path, capsys)
     with torch.no_grad():
         net.flow.bias.fill_(4.0)  # a bad model: every voxel pushed 4 voxels (8 mm) along each axis
     save_model(tmp_path / "bad.pt", net, 2.0, {"name": "bad"})
-    image, labels = phantom((40, 44, 36), seed=5)
-    fixed, fixed_labels = to_image(image, (2.0, 2.0, 2.0)), to_image(labels, (2.0, 2.0, 2.0))
-    field = smooth_field(fixed, amplitude=4.0, seed=3, sigma_mm=16.0)
-    paths = {"fixed": fixed, "fixed_labels": fixed_labels, "moving": deform(fixed, field, sitk.sitkLinear),
-             "moving_labels": deform(fixed_labels, field, sitk.sitkNearestNeighbor)}
-    for name, im in paths.items():
-        paths[name] = str(tmp_path / f"{name}.nii.gz")
-        sitk.WriteImage(im, paths[name])
+    paths, _ = write_phantom_pair(tmp_path, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), field_seed=3,
+                                  sigma_mm=16.0, phantom_seed=5)
+    paths = {name: str(path) for name, path in paths.items()}
     base = ["register", "--fixed", paths["fixed"], "--moving", paths["moving"], "--fixed-labels",
             paths["fixed_labels"], "--moving-labels", paths["moving_labels"], "--model", str(tmp_path / "bad.pt"),
             "--quiet"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import deform, phantom, smooth_field, to_image
+from conftest import deform, phantom, smooth_field, to_image, write_phantom_pair
 from SlicerVoxelMorphLib import images
 from SlicerVoxelMorphLib.cli import main
 from SlicerVoxelMorphLib.register import register
@@ -183,14 +183,8 @@ def test_bundled_network_path_of_the_cli_improves_a_phantom_pair(tmp_path):
     if not BUNDLED.is_file():
         pytest.skip("no bundled model in this checkout")
     # a head-sized phantom (150 x 160 x 130 mm at 2 mm) and a copy under a smooth 10 mm field
-    image, labels = phantom((65, 80, 75), seed=3)
-    fixed, fixed_labels = to_image(image, (2.0, 2.0, 2.0)), to_image(labels, (2.0, 2.0, 2.0))
-    field = smooth_field(fixed, amplitude=10.0, seed=2, sigma_mm=20.0)
-    paths = {"fixed": fixed, "fixed_labels": fixed_labels, "moving": deform(fixed, field, sitk.sitkLinear),
-             "moving_labels": deform(fixed_labels, field, sitk.sitkNearestNeighbor)}
-    for name, im in paths.items():
-        paths[name] = tmp_path / f"{name}.nii.gz"
-        sitk.WriteImage(im, str(paths[name]))
+    paths, _ = write_phantom_pair(tmp_path, (65, 80, 75), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), amplitude=10.0,
+                                  field_seed=2, sigma_mm=20.0, phantom_seed=3)
     out = tmp_path / "net"
     code = main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
                  "--fixed-labels", str(paths["fixed_labels"]), "--moving-labels", str(paths["moving_labels"]),
