@@ -113,6 +113,8 @@ class SlicerVoxelMorphParameterNode:
     computeJacobian: bool = True
     jacobianVolume: vtkMRMLScalarVolumeNode
     diceTable: vtkMRMLTableNode
+    computeInverse: bool = False
+    inverseTransform: vtkMRMLTransformNode
     modelSource: ModelSource = ModelSource.BUNDLED
     modelPath: Path
     device: Device = Device.AUTO
@@ -211,6 +213,7 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.enabled = p.modelSource == ModelSource.FILE
         self.ui.refineIterationsSpinBox.enabled = p.modelSource == ModelSource.NONE
         self.ui.jacobianSelector.enabled = p.computeJacobian
+        self.ui.inverseTransformSelector.enabled = p.computeInverse
         self.ui.cancelButton.enabled = self._running
         problem = self.logic.inputProblem(p) if not self._running else _("Registration is running")
         self.ui.applyButton.enabled = problem is None
@@ -305,9 +308,10 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class RegistrationOutputs:
     """Nodes a registration wrote, and the engine's report."""
 
-    def __init__(self, warped, transform, jacobian, table, chart, report: dict) -> None:
+    def __init__(self, warped, transform, jacobian, table, chart, report: dict, inverse=None) -> None:
         self.warpedVolume = warped
         self.transform = transform
+        self.inverseTransform = inverse
         self.jacobianVolume = jacobian
         self.diceTable = table
         self.chart = chart
@@ -404,7 +408,8 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             p.fixedVolume, p.movingVolume, p.fixedLabels, p.movingLabels,
             warpedVolume=p.warpedVolume, transform=p.outputTransform,
             jacobianVolume=p.jacobianVolume if p.computeJacobian else None, computeJacobian=p.computeJacobian,
-            diceTable=p.diceTable, model=self.modelArgument(p), device=p.device.value,
+            diceTable=p.diceTable, inverseTransform=p.inverseTransform, computeInverse=p.computeInverse,
+            model=self.modelArgument(p), device=p.device.value,
             refineSteps=self.refineSteps(p), accurate=self.accurate(p), affine=p.affine, progress=progress)
         p.warpedVolume = outputs.warpedVolume
         p.outputTransform = outputs.transform
@@ -412,12 +417,15 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             p.jacobianVolume = outputs.jacobianVolume
         if outputs.diceTable is not None:
             p.diceTable = outputs.diceTable
+        if outputs.inverseTransform is not None:
+            p.inverseTransform = outputs.inverseTransform
         return outputs
 
     # --- the run -----------------------------------------------------------------------------------
 
     def process(self, fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, *, warpedVolume=None,
-                transform=None, jacobianVolume=None, computeJacobian=True, diceTable=None, model="bundled",
+                transform=None, jacobianVolume=None, computeJacobian=True, diceTable=None, inverseTransform=None,
+                computeInverse=False, model="bundled",
                 device="auto", refineSteps=0, accurate=False, affine=True, progress=None,
                 showResult=True) -> RegistrationOutputs:
         """Register ``movingVolume`` to ``fixedVolume`` and write the results into the scene.
@@ -443,7 +451,8 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             labelArgs = self.labelImages(fixedLabels, fixedVolume, fixed, movingLabels, movingVolume, moving)
 
         result = register(fixed, moving, model=model, device=device, refine_steps=int(refineSteps),
-                          accurate=bool(accurate), affine=bool(affine), progress=progress, **labelArgs)
+                          accurate=bool(accurate), affine=bool(affine), inverse=bool(computeInverse),
+                          progress=progress, **labelArgs)
 
         warped = self.writeVolume(warpedVolume, result.warped, movingVolume.GetName() + " warped", "warped")
         gridTransform = self.writeGridTransform(transform, result.displacement,
@@ -452,6 +461,13 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
                                          movingVolume.GetID())
         gridTransform.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(),
                                          fixedVolume.GetID())
+        inverse = None
+        if result.inverse_displacement is not None:
+            inverse = self.writeGridTransform(inverseTransform, result.inverse_displacement,
+                                              movingVolume.GetName() + " VoxelMorph inverse transform", "inverse")
+            # the inverse maps the fixed volume onto the moving one: the roles swap
+            inverse.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), fixedVolume.GetID())
+            inverse.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), movingVolume.GetID())
         jacobian = None
         if computeJacobian:
             jacobian = self.writeVolume(jacobianVolume, result.jacobian, movingVolume.GetName() + " Jacobian",
@@ -468,7 +484,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             if table is not None:
                 self.showTableAndChart(table, chart)
         logging.info(f"SlicerVoxelMorph: {result.report.get('seconds', {})}")
-        return RegistrationOutputs(warped, gridTransform, jacobian, table, chart, result.report)
+        return RegistrationOutputs(warped, gridTransform, jacobian, table, chart, result.report, inverse)
 
     # --- scene -> engine ---------------------------------------------------------------------------
 
@@ -573,27 +589,28 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         volumeNode.CreateDefaultDisplayNodes()
         return volumeNode
 
-    def writeGridTransform(self, transformNode, displacement, name: str):
-        """Grid transform node, FromParent (resampling convention: fixed point x -> x + u(x) in moving)."""
+    def writeGridTransform(self, transformNode, displacement, name: str, role: str = "transform"):
+        """Grid transform node, FromParent (resampling convention: a point x of the displacement's grid
+        -> x + u(x)); the grid is filled before it is attached, so a re-run refreshes the display."""
+        from vtk.util.numpy_support import vtk_to_numpy
+
         from SlicerVoxelMorphLib import scene
 
         grid = scene.grid_transform_arrays(displacement)
-        transformNode = self.ownNode(transformNode, "vtkMRMLTransformNode", name, "transform")
+        transformNode = self.ownNode(transformNode, "vtkMRMLTransformNode", name, role)
         transformNode.SetAndObserveTransformNodeID(None)  # the grid is in world coordinates
         gridImage = vtk.vtkImageData()
         gridImage.SetOrigin(*grid.origin_ras)
         gridImage.SetSpacing(*grid.spacing)
         gridImage.SetDimensions(*grid.dimensions)
         gridImage.AllocateScalars(vtk.VTK_DOUBLE, 3)
+        vtk_to_numpy(gridImage.GetPointData().GetScalars())[:] = grid.vectors_ras.reshape(-1, 3)  # i fastest
         direction = np.eye(4)
         direction[:3, :3] = grid.direction_ras
         gridTransform = slicer.vtkOrientedGridTransform()
         gridTransform.SetGridDirectionMatrix(slicer.util.vtkMatrixFromArray(direction))
         gridTransform.SetDisplacementGridData(gridImage)
         transformNode.SetAndObserveTransformFromParent(gridTransform)
-        vectors = slicer.util.arrayFromGridTransform(transformNode)  # a view: (K, J, I, 3)
-        vectors[:] = grid.vectors_ras
-        slicer.util.arrayFromGridTransformModified(transformNode)
 
         transformNode.CreateDefaultDisplayNodes()
         display = transformNode.GetDisplayNode()
@@ -748,10 +765,23 @@ class SlicerVoxelMorphTest(ScriptedLoadableModuleTest):
         logic = SlicerVoxelMorphLogic()
         stages = []
         outputs = logic.process(fixed, moving, fixedLabels, movingLabels, model="bundled", device="auto",
-                                refineSteps=5, affine=True, progress=lambda stage, fraction: stages.append(stage))
+                                accurate=True, computeInverse=True, affine=True,
+                                progress=lambda stage, fraction: stages.append(stage))
         self.delayDisplay("Registration done")
         self.assertIn("network", stages)
         self.assertIn("refine", stages)
+
+        # inverse transform: on the moving grid, and forward then inverse returns points (within 0.5 mm)
+        inverse = outputs.inverseTransform
+        self.assertTrue(inverse.GetTransformFromParent().IsA("vtkOrientedGridTransform"))
+        self.assertEqual(slicer.util.arrayFromGridTransform(inverse).shape[:3],
+                         slicer.util.arrayFromVolume(moving).shape)
+        forward, backward = outputs.transform.GetTransformFromParent(), inverse.GetTransformFromParent()
+        centre = logic.worldIJKToRAS(fixed) @ np.append((np.array(fixed.GetImageData().GetDimensions()) - 1) / 2, 1)
+        for offset in ([0, 0, 0], [10, -8, 5], [-12, 6, -4]):
+            point = centre[:3] + offset
+            back = np.array(backward.TransformPoint(forward.TransformPoint(point)))
+            self.assertLess(np.linalg.norm(back - point), 0.5)
 
         # warped volume: on the fixed grid
         warped = outputs.warpedVolume
