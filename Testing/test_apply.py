@@ -148,3 +148,40 @@ def test_apply_bad_inputs_are_one_line_errors(registered, tmp_path, capsys):
                         "--output", str(tmp_path / "z.csv")], "header")
     _one_error(capsys, ["apply", "--transform", str(out / "displacement.nii.gz"), "--output",
                         str(tmp_path / "w.csv")], "--input", "--points")
+
+
+def test_landmark_errors_drop_and_match_the_true_field(tmp_path, capsys):
+    from conftest import write_phantom_pair
+
+    paths, truth = write_phantom_pair(tmp_path)
+    fixed = sitk.ReadImage(str(paths["fixed"]))
+    rng = np.random.default_rng(1)
+    k, j, i = np.nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(paths["fixed_labels"]))) > 0)
+    pick = rng.choice(len(k), 12, replace=False)
+    fixed_points = np.array([fixed.TransformContinuousIndexToPhysicalPoint((float(i[n]), float(j[n]), float(k[n])))
+                             for n in pick])
+    true = sitk.DisplacementFieldTransform(sitk.Cast(truth, sitk.sitkVectorFloat64))
+    moving_points = np.array([true.TransformPoint(tuple(p)) for p in fixed_points])  # where they are in moving
+    for name, points in (("fixed", fixed_points), ("moving", moving_points)):
+        (tmp_path / f"{name}.csv").write_text("x,y,z\n" + "\n".join(",".join(map(str, p)) for p in points) + "\n")
+    base = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--model", "none",
+            "--refine", "40", "--quiet", "--fixed-points", str(tmp_path / "fixed.csv")]
+    assert main([*base, "--moving-points", str(tmp_path / "moving.csv"), "--out", str(tmp_path / "o")]) == 0
+    landmarks = json.loads((tmp_path / "o" / "report.json").read_text())["landmarks"]
+    np.testing.assert_allclose(landmarks["tre_before_mm"], np.linalg.norm(moving_points - fixed_points, axis=1),
+                               atol=1e-3)
+    assert landmarks["mean_tre_after_mm"] < 0.75 * landmarks["mean_tre_before_mm"], landmarks
+    (tmp_path / "short.csv").write_text("x,y,z\n1,2,3\n")
+    code = main([*base, "--moving-points", str(tmp_path / "short.csv"), "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "same number of rows" in err and len(err.splitlines()) == 1
+
+
+def test_more_smoothness_gives_a_smoother_field(pair):
+    from SlicerVoxelMorphLib.register import register
+
+    paths, _ = pair
+    fixed, moving = sitk.ReadImage(str(paths["fixed"])), sitk.ReadImage(str(paths["moving"]))
+    rough = register(fixed, moving, model=None, refine_steps=30, smoothness=0.1).report["std_log_jacobian"]
+    smooth = register(fixed, moving, model=None, refine_steps=30, smoothness=10.0).report["std_log_jacobian"]
+    assert smooth < 0.7 * rough, (rough, smooth)

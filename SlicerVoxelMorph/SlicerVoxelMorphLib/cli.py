@@ -125,6 +125,10 @@ def run_register(args: argparse.Namespace) -> None:
     moving = read_image(args.moving, "moving image")
     fixed_labels = read_image(args.fixed_labels, "fixed labels") if args.fixed_labels else None
     moving_labels = read_image(args.moving_labels, "moving labels") if args.moving_labels else None
+    from .apply import read_points
+
+    fixed_points = read_points(args.fixed_points, args.ras) if args.fixed_points else None
+    moving_points = read_points(args.moving_points, args.ras) if args.moving_points else None
     fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
     moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
     check_output(out, args.overwrite)
@@ -144,7 +148,8 @@ def run_register(args: argparse.Namespace) -> None:
                               label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
                               accurate=args.accurate, similarity=args.similarity, auto_refine=not args.no_auto_refine,
                               affine=not args.no_affine, inverse=args.inverse, fixed_mask=fixed_mask,
-                              moving_mask=moving_mask, progress=progress)
+                              moving_mask=moving_mask, smoothness=args.smoothness, fixed_points=fixed_points,
+                              moving_points=moving_points, progress=progress)
     finally:
         bar.close()
     images_level, fields_level = COMPRESSION[args.compression]
@@ -166,6 +171,9 @@ def run_register(args: argparse.Namespace) -> None:
     if not args.quiet:
         summary = f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}, " \
             if "mean_dice_after" in report else ""
+        if "landmarks" in report:
+            tre = report["landmarks"]
+            summary += f"TRE {tre['mean_tre_before_mm']:.2f} -> {tre['mean_tre_after_mm']:.2f} mm, "
         print(f"{summary}folding {report['folding_percent']:.4f} %, {report['seconds']['total']:.1f} s "
               f"on {report['device']}; results in {out}")
 
@@ -248,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed-labels", help="label map of the fixed image (for Dice)")
     r.add_argument("--moving-labels", help="label map of the moving image (warped with nearest neighbour)")
     r.add_argument("--label-names", help="CSV with columns id,name")
+    r.add_argument("--fixed-points", help="landmarks in the fixed image: CSV x,y,z (LPS mm) or Slicer markups")
+    r.add_argument("--moving-points", help="the same landmarks in the moving image, matched by row (TRE report)")
+    r.add_argument("--ras", action="store_true", help="x,y,z columns of the landmark CSVs are RAS")
+    r.add_argument("--smoothness", type=float, default=1.0,
+                   help="scales the refinement's smoothness weight (default 1; higher: smoother, less folding)")
     r.add_argument("--fixed-mask", help="binary mask on the fixed grid: only voxels inside are compared")
     r.add_argument("--moving-mask", help="binary mask on the moving grid (e.g. excluding a lesion or the skull)")
     r.add_argument("--model", default="bundled",

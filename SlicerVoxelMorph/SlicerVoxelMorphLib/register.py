@@ -75,7 +75,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
              moving_labels: sitk.Image | None = None, label_names: dict[int, str] | None = None,
              model: str | None = "bundled", device: str = "auto", refine_steps: int = 0, accurate: bool = False,
              similarity: str = "auto", auto_refine: bool = True, affine: bool = True, inverse: bool = False,
-             fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
+             fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None, smoothness: float = 1.0,
+             fixed_points: np.ndarray | None = None, moving_points: np.ndarray | None = None,
              progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
@@ -84,7 +85,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     refined when it does not improve on the affine alignment (a warning says so). Masks (binary, on
     their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
-    fixed mask.
+    fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
+    Landmarks ``fixed_points`` / ``moving_points`` (N x 3, LPS mm, matched by row) give the target
+    registration error before (identity) and after, per point and mean, in the report.
     The result lives on the fixed image's grid; with ``inverse`` also the inverse field on the moving
     image's grid (velocity integrated backwards, inverse affine). ``progress(stage, fraction)`` is called often; it may
     raise ``errors.Cancelled`` to stop. Bad input raises ``errors.InputError``.
@@ -106,6 +109,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         ids = sorted(set(fixed_ids) & set(moving_ids))
         if not ids:
             raise InputError("fixed and moving label maps share no label")
+    if (fixed_points is None) != (moving_points is None) or (
+            fixed_points is not None and np.shape(fixed_points) != np.shape(moving_points)):
+        raise InputError("landmarks: give fixed and moving points with the same number of rows, matched by row")
     if fixed_mask is not None:
         fixed_mask = images.check_mask(fixed_mask, fixed, "fixed mask")
     if moving_mask is not None:
@@ -131,12 +137,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
                                                         .astype(np.float32))[None, None]
              for mask, t in ((fixed_mask, None), (moving_mask, transform))]
 
+    if smoothness <= 0:
+        raise InputError(f"smoothness must be positive, not {smoothness}")
+    settings = {**ACCURATE, "smooth_weight": ACCURATE["smooth_weight"] * smoothness, "similarity": similarity}
+
     def refiner() -> Refiner | None:
         if accurate:
-            return Refiner(**ACCURATE, similarity=similarity)
+            return Refiner(**settings)
         if refine_steps <= 0:
             return None  # experts' --refine N: exactly N steps (no early stop) with the accurate settings
-        return Refiner(**{**ACCURATE, "steps": refine_steps, "patience": refine_steps}, similarity=similarity)
+        return Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
 
     try:
         flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), auto_refine,
@@ -184,6 +194,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         report["inverse_round_trip"] = {
             "fixed_points": round_trip_error(displacement, inverse_displacement, mask),
             "moving_points": round_trip_error(inverse_displacement, displacement, moving_mask)}
+    if fixed_points is not None:
+        report["landmarks"] = landmark_errors(fixed_points, moving_points, displacement)
     if fixed_labels is not None:
         report.update(_dice_report(fixed_labels, moving_labels, warped_labels, fixed, moving, transform, ids,
                                    label_names))
@@ -295,6 +307,26 @@ def _taper(index: torch.Tensor, grid: sitk.Image) -> torch.Tensor:
     outside = torch.maximum(-0.5 - index, index - (size - 0.5)).clamp_min(0) * spacing  # mm beyond each face
     t = (1 - outside.norm(dim=-1) / TAPER_MM).clamp(0, 1)
     return t * t * (3 - 2 * t)
+
+
+def landmark_errors(fixed_points: np.ndarray, moving_points: np.ndarray, displacement: sitk.Image) -> dict:
+    """Target registration error (mm) of landmark pairs: |y - x| before (no registration) and
+    |y - (x + u(x))| after, per pair (matched by row) and mean; fixed points outside the field count
+    with their before value after and are listed."""
+    from .apply import map_points
+
+    fixed_points, moving_points = np.asarray(fixed_points, float), np.asarray(moving_points, float)
+    mapped, outside = fixed_points.copy(), []
+    for n, point in enumerate(fixed_points):
+        try:
+            mapped[n] = map_points(point[None], displacement)[0]
+        except InputError:
+            outside.append(n + 1)
+    before = np.linalg.norm(moving_points - fixed_points, axis=1)
+    after = np.linalg.norm(moving_points - mapped, axis=1)
+    return {"tre_before_mm": [round(float(v), 3) for v in before], "tre_after_mm": [round(float(v), 3) for v in after],
+            "mean_tre_before_mm": round(float(before.mean()), 3), "mean_tre_after_mm": round(float(after.mean()), 3),
+            "rows_outside_the_field": outside}
 
 
 def _dice_report(fixed_labels: sitk.Image, moving_labels: sitk.Image, warped_labels: sitk.Image,
