@@ -443,6 +443,9 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         inputIds = {n.GetID() for n in (fixedVolume, movingVolume, fixedLabels, movingLabels) if n is not None}
         if any(output is not None and output.GetID() in inputIds for output in (warpedVolume, jacobianVolume)):
             raise ValueError(_("An output volume is one of the inputs: choose another or create a new one"))
+        if computeInverse and transform is not None and inverseTransform is not None \
+                and transform.GetID() == inverseTransform.GetID():
+            raise ValueError(_("The transform and the inverse transform must be different nodes"))
 
         fixed = self.imageFromVolume(fixedVolume)
         moving = self.imageFromVolume(movingVolume)

@@ -185,3 +185,20 @@ def test_more_smoothness_gives_a_smoother_field(pair):
     rough = register(fixed, moving, model=None, refine_steps=30, smoothness=0.1).report["std_log_jacobian"]
     smooth = register(fixed, moving, model=None, refine_steps=30, smoothness=10.0).report["std_log_jacobian"]
     assert smooth < 0.7 * rough, (rough, smooth)
+
+
+def test_apply_refuses_bad_label_maps_references_outputs_and_markups(registered, tmp_path, capsys):
+    paths, out = registered
+    field = str(out / "displacement.nii.gz")
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(flat))
+    _one_error(capsys, ["apply", "--transform", field, "--input", str(flat), "--labels", "--output",
+                        str(tmp_path / "a.nii.gz")], "3D scalar")
+    _one_error(capsys, ["apply", "--transform", field, "--input", paths["moving"], "--reference", str(flat),
+                        "--output", str(tmp_path / "b.nii.gz")], "reference", "3D scalar")
+    _one_error(capsys, ["apply", "--transform", field, "--input", paths["moving"], "--output",
+                        str(tmp_path / "missing" / "c.nii.gz")], "does not exist")
+    odd = tmp_path / "odd.mrk.json"
+    odd.write_text(json.dumps([1, 2, 3]))
+    _one_error(capsys, ["apply", "--transform", field, "--points", str(odd), "--output", str(tmp_path / "d.csv")],
+               "markups")

@@ -182,3 +182,24 @@ def test_masks_on_another_grid_or_empty_are_named(files, tmp_path, capsys):
                      reference.GetOrigin())
     _expect_error(capsys, [*base, "--moving-mask", _write(tmp_path / "empty_mask.nii.gz", empty)], "moving mask",
                   "empty")
+
+
+def test_masks_that_miss_the_working_region_and_bad_smoothness_are_named(files, tmp_path, capsys):
+    reference = sitk.ReadImage(files["moving"])
+    far = np.zeros(sitk.GetArrayFromImage(reference).shape, np.uint8)
+    far[-2:, -2:, -2:] = 1  # a corner far outside the fixed image's foreground
+    mask = _write(tmp_path / "corner.nii.gz", to_image(far, reference.GetSpacing(), reference.GetOrigin()))
+    base = ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none", "--refine", "1",
+            "--no-affine", "--out", str(tmp_path / "o")]
+    moved = sitk.ReadImage(mask)
+    moved.SetOrigin([o + 200.0 for o in moved.GetOrigin()])
+    sitk.WriteImage(moved, str(tmp_path / "corner_far.nii.gz"))
+    shifted = sitk.ReadImage(files["moving"])
+    shifted.SetOrigin([o + 200.0 for o in shifted.GetOrigin()])
+    sitk.WriteImage(shifted, str(tmp_path / "moving_far.nii.gz"))
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", str(tmp_path / "moving_far.nii.gz"),
+                           "--moving-mask", str(tmp_path / "corner_far.nii.gz"), "--model", "none", "--refine", "1",
+                           "--no-affine", "--out", str(tmp_path / "o")], "covers no voxel")
+    _expect_error(capsys, [*base, "--smoothness", "nan"], "smoothness")
+    _expect_error(capsys, [*base, "--smoothness", "0"], "smoothness")
+    assert not (tmp_path / "o").exists()

@@ -110,3 +110,14 @@ def test_a_failing_batch_producer_stops_training_with_its_error(tmp_path, monkey
     with pytest.raises(ValueError, match="batch producer"):
         main(["train", "--images", str(images), "--labels", str(labels), "--iterations", "2", "--device", "cpu",
               "--quiet", "--out", str(tmp_path / "x")])
+
+
+def test_synthesis_without_a_label_loss_and_a_fresh_run_into_a_used_folder_are_refused(tmp_path, capsys):
+    images, labels = _dataset(tmp_path)
+    base = ["train", "--images", str(images), "--labels", str(labels), "--val-subjects", "S3", "--iterations", "2",
+            "--device", "cpu", "--quiet"]
+    assert main([*base, "--synth-fraction", "0.5", "--dice-weight", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "dice-weight" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b")]) == 2
+    assert "--resume" in capsys.readouterr().err

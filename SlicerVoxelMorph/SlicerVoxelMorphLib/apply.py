@@ -33,6 +33,14 @@ def check_field(field: sitk.Image, what: str = "transform") -> sitk.Image:
     return field
 
 
+def check_scalar_3d(image: sitk.Image, what: str) -> sitk.Image:
+    """A 3D scalar image; InputError otherwise."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} must be a 3D scalar image, not {image.GetDimension()}D with "
+                         f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel")
+    return image
+
+
 def warp_image(image: sitk.Image, field: sitk.Image, reference: sitk.Image, interpolation: str = "linear",
                labels: bool = False) -> sitk.Image:
     """``image`` resampled onto ``reference``'s grid through ``field``; outside it: the image's background
@@ -68,9 +76,9 @@ def read_points(path: str | Path, ras: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"points file not found: {path}")
+    if path.suffix.lower() == ".json":
+        return _read_markups_json(path)
     try:
-        if path.suffix.lower() == ".json":
-            return _read_markups_json(path)
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -93,13 +101,19 @@ def _cell(row: dict, name: str) -> str:
 
 
 def _read_markups_json(path: Path) -> np.ndarray:
-    document = json.loads(path.read_text())
     points = []
-    for markup in document.get("markups", []):
-        system = markup.get("coordinateSystem", "LPS")
-        for point in markup.get("controlPoints", []):
-            position = np.array(point["position"], dtype=float)
-            points.append(images.vectors_to_ras(position) if system == "RAS" else position)
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read points from {path}: {type(exc).__name__}") from None
+    try:
+        for markup in document.get("markups", []):
+            system = markup.get("coordinateSystem", "LPS")
+            for point in markup.get("controlPoints", []):
+                position = np.array(point["position"], dtype=float).reshape(3)
+                points.append(images.vectors_to_ras(position) if system == "RAS" else position)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: not a Slicer markups file (markups with control point positions)") from None
     if not points:
         raise InputError(f"{path}: no control points in this markups file")
     return np.array(points)

@@ -158,16 +158,19 @@ def run_register(args: argparse.Namespace) -> None:
         # report.png renders (mostly Python) while the images are compressed (zlib releases the GIL)
         drawing = Background(write_report_png, stage / "report.png", fixed, moving, result.warped,
                              result.displacement, result.jacobian, result.report)
-        write_image(result.warped, stage / "warped.nii.gz", images_level)
-        # float32 vectors (as ANTs writes them): half the size and time of float64, 1e-5 mm precision
-        write_image(result.displacement, stage / "displacement.nii.gz", fields_level)
-        write_image(result.jacobian, stage / "jacobian.nii.gz", fields_level)
-        if result.inverse_displacement is not None:
-            write_image(result.inverse_displacement, stage / "inverse_displacement.nii.gz", fields_level)
-        if result.warped_labels is not None:
-            write_image(result.warped_labels, stage / "warped_labels.nii.gz", images_level)
-        (stage / "report.json").write_text(json.dumps(report, indent=2))
-        drawing.join()
+        try:
+            write_image(result.warped, stage / "warped.nii.gz", images_level)
+            # float32 vectors (as ANTs writes them): half the size and time of float64, 1e-5 mm precision
+            write_image(result.displacement, stage / "displacement.nii.gz", fields_level)
+            write_image(result.jacobian, stage / "jacobian.nii.gz", fields_level)
+            if result.inverse_displacement is not None:
+                write_image(result.inverse_displacement, stage / "inverse_displacement.nii.gz", fields_level)
+            if result.warped_labels is not None:
+                write_image(result.warped_labels, stage / "warped_labels.nii.gz", images_level)
+            (stage / "report.json").write_text(json.dumps(report, indent=2))
+        finally:
+            drawing.thread.join()  # never leave the thread writing into a stage that is being removed
+        drawing.join()  # re-raises the drawing's own error
     if not args.quiet:
         summary = f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}, " \
             if "mean_dice_after" in report else ""
@@ -187,14 +190,19 @@ def run_apply(args: argparse.Namespace) -> None:
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise InputError(f"output {output} exists (use --overwrite)")
+    if not output.parent.is_dir():
+        raise InputError(f"the folder of the output {output} does not exist")
     field = apply.check_field(read_image(args.transform, "transform"))
     if args.points:
         apply.write_points(apply.map_points(apply.read_points(args.points, args.ras), field), output, args.ras)
         return
     image = read_image(args.input, "input image")
-    if not args.labels:
+    if args.labels:
+        apply.check_scalar_3d(image, "input label map")
+    else:
         check_image(image, "input image")
-    reference = read_image(args.reference, "reference image") if args.reference else field
+    reference = apply.check_scalar_3d(read_image(args.reference, "reference image"), "reference image") \
+        if args.reference else field
     interpolation = args.interpolation or ("nearest" if args.labels else "linear")
     write_image(apply.warp_image(image, field, reference, interpolation, args.labels), output)
 
@@ -215,6 +223,8 @@ def run_train(args: argparse.Namespace) -> None:
     config = TrainConfig(images=images, labels=labels, val_images=val_images, val_labels=val_labels, **options)
     device = pick_device(args.device)
     bar = _progress_bar(args.quiet, total=config.iterations, unit="it")
+    if not args.resume and (Path(args.out) / "checkpoint.pt").exists():
+        raise InputError(f"{args.out} holds a training run already: add --resume, or choose another --out")
     trainer = Trainer(config, Path(args.out), device, warm_start=not args.resume)
     if args.resume:
         trainer.resume()

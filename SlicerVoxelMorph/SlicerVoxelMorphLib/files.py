@@ -1,6 +1,7 @@
 """Atomic file output: a run that stops midway leaves no half-written file and no stale one."""
 
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,22 +27,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
-    """Yield a hidden staging folder beside ``out``; when the block succeeds, every known output of an
-    earlier run is removed from ``out`` and the staged files move in, so the folder never mixes two
-    runs. When it fails, the staging folder is removed and ``out`` is left as it was."""
+    """Yield a hidden staging folder of its own inside ``out`` (same file system, unique per run); when
+    the block succeeds, every known output of an earlier run is removed from ``out`` and the staged
+    files move in, so the folder never mixes two runs. When it fails, the staging folder is removed,
+    ``out`` keeps what it had, and an ``out`` this run created is removed again."""
     out = Path(out)
-    stage = out.parent / f".{out.name}.partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    succeeded = False
     try:
         yield stage
-        out.mkdir(parents=True, exist_ok=True)
         for name in RUN_OUTPUTS:
             (out / name).unlink(missing_ok=True)
         for path in sorted(stage.iterdir()):
             path.replace(out / path.name)
+        succeeded = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if created and not succeeded:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 class Background:

@@ -108,7 +108,9 @@ def prepare(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | Non
     array = sitk.GetArrayFromImage(resample(image, grid, transform))
     if mask is None:
         return normalise(array)
-    inside = sitk.GetArrayViewFromImage(resample(mask, grid, transform, labels=True)) > 0
+    inside = sitk.GetArrayFromImage(resample(mask, grid, transform, labels=True)) > 0  # a copy: the image is
+    if not inside.any():                                                             # a temporary
+        raise InputError("a mask covers no voxel of the working region (after the affine pre-alignment)")
     return scale_to_window(array, *intensity_window(array[inside])) * inside
 
 

@@ -1,5 +1,6 @@
 """The registration pipeline: affine, working grid, network, refinement, one displacement field, metrics."""
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -109,6 +110,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         ids = sorted(set(fixed_ids) & set(moving_ids))
         if not ids:
             raise InputError("fixed and moving label maps share no label")
+    if not (math.isfinite(smoothness) and smoothness > 0):
+        raise InputError(f"smoothness must be a positive number, not {smoothness}")
     if (fixed_points is None) != (moving_points is None) or (
             fixed_points is not None and np.shape(fixed_points) != np.shape(moving_points)):
         raise InputError("landmarks: give fixed and moving points with the same number of rows, matched by row")
@@ -137,8 +140,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
                                                         .astype(np.float32))[None, None]
              for mask, t in ((fixed_mask, None), (moving_mask, transform))]
 
-    if smoothness <= 0:
-        raise InputError(f"smoothness must be positive, not {smoothness}")
     settings = {**ACCURATE, "smooth_weight": ACCURATE["smooth_weight"] * smoothness, "similarity": similarity}
 
     def refiner() -> Refiner | None:
@@ -149,12 +150,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         return Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
 
     try:
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), auto_refine,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(),
+                                                          Refiner(**settings) if auto_refine else None,
                                                           torch_device, clock, inverse, masks)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), auto_refine,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(),
+                                                          Refiner(**settings) if auto_refine else None,
                                                           torch.device("cpu"), clock, inverse, masks)
 
     clock("compose")
@@ -205,15 +208,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refiner: Refiner | None,
-            auto_refine: bool, device: torch.device, clock: _Clock, inverse: bool = False,
+            fallback: Refiner | None, device: torch.device, clock: _Clock, inverse: bool = False,
             masks: list[torch.Tensor | None] | None = None) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
     """Network prediction and optional refinement at the network's image level (the working grid
     downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level, with
     ``inverse`` that of the inverse (the velocity integrated backwards), and a report.
 
     Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
-    where a half-resolution network puts its velocity. With ``auto_refine``, a network result that
-    aligns the pair no better than the affine alone (MIND-SSC distance) is refined with ACCURATE.
+    where a half-resolution network puts its velocity. A network result that aligns the pair no better
+    than the affine alone (MIND-SSC distance) is refined with ``fallback`` when one is given.
     """
     fixed_small = downsample(fixed.to(device), factor)
     moving_small = downsample(moving.to(device), factor)
@@ -227,10 +230,11 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
         with torch.no_grad():
             velocity = net.to(device).velocity(moving_small, fixed_small)
             info["alignment"] = alignment(moving_small, fixed_small, velocity, int_steps)
-        if refiner is None and auto_refine and info["alignment"]["network"] >= info["alignment"]["affine_only"]:
+        if refiner is None and fallback is not None and \
+                info["alignment"]["network"] >= info["alignment"]["affine_only"]:
             warnings.warn("the network did not improve on the affine alignment of this pair (inputs unlike its "
                           "training data?): refining with the accurate preset", RuntimeWarning, stacklevel=3)
-            refiner, info["auto_refined"] = Refiner(**ACCURATE), True
+            refiner, info["auto_refined"] = fallback, True
     else:
         velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
     if refiner is not None:

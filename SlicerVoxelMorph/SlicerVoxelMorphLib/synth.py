@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from . import metrics
 from .errors import InputError
 from .images import check_labels
 from .layers import displacement_from_velocity
@@ -72,9 +73,7 @@ def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: li
     brain = sitk.GetArrayFromImage(brain_image).astype(bool)
     intensity = normalise(sitk.GetArrayFromImage(image))
     tissue = tissue_classes(intensity, brain)
-    compact = np.zeros(max(label_set) + 1, dtype=np.int64)
-    compact[label_set] = np.arange(1, len(label_set) + 1)
-    structure = compact[label_array]
+    structure = metrics.compact_labels(label_array, label_set).reshape(label_array.shape)
     generation = np.where(brain, 1 + HEAD_LAYERS + structure * TISSUES + tissue, 0)
     distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
         brain_image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))

@@ -150,6 +150,8 @@ class Trainer:
             raise InputError(f"--synth-fraction must be in [0, 1], not {c.synth_fraction}")
         if c.synth_fraction > 0 and not c.labels:
             raise InputError("synthesis (--synth-fraction > 0) needs training label maps (--labels)")
+        if c.synth_fraction > 0 and c.dice_weight <= 0:
+            raise InputError("synthesis (--synth-fraction > 0) trains on label overlap: --dice-weight must be > 0")
         if not c.images:
             raise InputError("no training images given")
         if c.mode not in ("scan", "atlas"):
@@ -298,7 +300,7 @@ class Trainer:
         size = fixed.labels.shape
         full = ResizeTransform(size[0] / flow.shape[2])(flow, size)
         labels = torch.from_numpy(moving.labels.astype(np.float32))[None, None].to(self.device)
-        warped = SpatialTransformer("nearest")(labels, full)[0, 0].cpu().numpy().astype(np.int16)
+        warped = SpatialTransformer("nearest")(labels, full)[0, 0].cpu().numpy().astype(np.int64)
         ids = metrics.label_ids(fixed.labels)
         dice = float(np.nanmean(list(metrics.dice(fixed.labels, warped, ids).values())))
         if not folding:
