@@ -78,7 +78,7 @@ class ModelSource(enum.Enum):
     NONE = "none"
 
     def label(self) -> str:
-        return {"bundled": _("Bundled (brain MRI, LPBA40)"), "file": _("Model file"),
+        return {"bundled": _("Bundled (brain MRI, any contrast, skull on or off)"), "file": _("Model file"),
                 "none": _("None (optimisation only)")}[self.value]
 
 

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", help="comma-separated moving subjects (default: S35..S40 present)")
     parser.add_argument("--variants", default=",".join(variants.VARIANTS))
     parser.add_argument("--refine", type=int, default=0)
+    parser.add_argument("--auto-refine", action="store_true", help="keep the safety net on (default: network only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmark_output")
     args = parser.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, model in models.items():
                 start = time.perf_counter()
                 result = register(f, m, fixed_labels=fixed_labels, moving_labels=moving_labels, model=model,
-                                  device="cpu", refine_steps=args.refine)
+                                  device="cpu", refine_steps=args.refine, auto_refine=args.auto_refine)
                 seconds = time.perf_counter() - start
                 dice = mean_dice(sitk.GetArrayViewFromImage(fixed_labels),
                                  sitk.GetArrayViewFromImage(result.warped_labels), ids)
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     header = "| variant | " + " | ".join(models) + " |"
-    lines = [f"# Generalisation: LPBA40 {', '.join(subjects)} -> {ATLAS}, refine {args.refine}", "",
+    lines = [f"# Generalisation: LPBA40 {', '.join(subjects)} -> {ATLAS}, refine {args.refine}, "
+             f"safety net {'on' if args.auto_refine else 'off'}", "",
              "Mean Dice over the atlas's labels (mean over subjects); max % det J <= 0 in the last row.", "",
              header, "|---" * (len(models) + 1) + "|"]
     worst = {name: 1.0 for name in models}

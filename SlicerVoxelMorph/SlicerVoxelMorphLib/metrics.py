@@ -2,6 +2,8 @@
 
 import numpy as np
 
+LOOKUP_LIMIT = 1 << 20  # ids below this are compacted through a lookup table, larger ones by binary search
+
 
 def label_ids(labels: np.ndarray) -> list[int]:
     """Sorted non-zero label ids present in a label map."""
@@ -12,9 +14,14 @@ def compact_labels(labels: np.ndarray, ids: list[int]) -> np.ndarray:
     """Position + 1 of each voxel's id in ``ids`` (0 for ids not listed), flat int64: lets counts use
     ``len(ids)`` bins whatever the id values (an id of 6e8 does not ask for gigabytes)."""
     table = np.asarray(sorted(ids), dtype=np.int64)
-    flat = np.asarray(labels).ravel().astype(np.int64)
+    flat = np.asarray(labels).ravel()
     if not table.size:
         return np.zeros(flat.shape, dtype=np.int64)
+    if table[-1] < LOOKUP_LIMIT and table[0] >= 0:  # small ids: one table lookup (fast)
+        lookup = np.zeros(int(table[-1]) + 2, dtype=np.int64)
+        lookup[table] = np.arange(1, table.size + 1)
+        return lookup[np.clip(flat, 0, table[-1] + 1)]
+    flat = flat.astype(np.int64)
     position = np.searchsorted(table, flat).clip(max=table.size - 1)
     return np.where(table[position] == flat, position + 1, 0)
 
