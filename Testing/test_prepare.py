@@ -111,3 +111,49 @@ def test_composed_field_has_no_seam_at_the_working_grid_border():
     assert ux[50, 50, 5] == 0.0 and ux[50, 50, 90] == 0.0  # beyond the taper: affine only (identity here)
     steps = np.abs(np.diff(ux, axis=2)).max()
     assert steps < 2.0 * 1.5 / TAPER_MM + 1e-3  # a smooth fade, no jump at the border (was ~1 mm per voxel)
+
+
+def test_normalise_and_foreground_by_hand():
+    from SlicerVoxelMorphLib.preprocess import foreground_mask, normalise
+
+    rng = np.random.default_rng(0)
+    body = rng.uniform(100, 200, 1000).astype(np.float32)
+    small = np.concatenate([np.zeros(1000, np.float32), body])
+    large = np.concatenate([np.zeros(50_000, np.float32), body])  # 50x more empty background
+    a, b = normalise(small)[1000:], normalise(large)[50_000:]
+    np.testing.assert_allclose(a, b, atol=1e-6)  # the background's amount does not change the scaling
+    upper = np.percentile(body, 99.5)
+    np.testing.assert_allclose(a, np.clip(body / upper, 0, 1), atol=1e-5)  # 0 -> 0, 99.5th of the rest -> 1
+    image = to_image(np.pad(np.full((4, 4, 4), 50.0, np.float32), 3))
+    mask = foreground_mask(image)
+    assert mask.sum() == 64 and mask[3:7, 3:7, 3:7].all()
+
+
+def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
+    from SlicerVoxelMorphLib.files import atomic_path
+
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_cuda_out_of_memory_falls_back_to_the_cpu(pair, monkeypatch):
+    from SlicerVoxelMorphLib import register as pipeline
+
+    paths, _ = pair
+    real, calls = pipeline._deform, []
+
+    def once_out_of_memory(*args, **kwargs):
+        calls.append(args[7])  # the device
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_deform", once_out_of_memory)
+    fixed, moving = sitk.ReadImage(str(paths["fixed"])), sitk.ReadImage(str(paths["moving"]))
+    with pytest.warns(RuntimeWarning, match="running on the CPU"):
+        result = pipeline.register(fixed, moving, model=None, refine_steps=2, device="cpu")
+    assert len(calls) == 2 and str(calls[1]) == "cpu" and result.report["device"] == "cpu"

@@ -121,3 +121,16 @@ def test_synthesis_without_a_label_loss_and_a_fresh_run_into_a_used_folder_are_r
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert main([*base, "--out", str(tmp_path / "b")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_atlas_mode_and_a_list_file_train(tmp_path):
+    images, labels = _dataset(tmp_path)
+    rows = ["image,labels,split"] + [f"img/S{s}.nii.gz,lab/S{s}.nii.gz,{'val' if s == 3 else 'train'}"
+                                     for s in range(4)]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    assert main(["train", "--list", str(tmp_path / "list.csv"), "--atlas", str(images / "S0.nii.gz"),
+                 "--atlas-labels", str(labels / "S0.nii.gz"), "--mode", "atlas", "--iterations", "3",
+                 "--val-every", "3", "--device", "cpu", "--quiet", "--out", str(tmp_path / "atlas")]) == 0
+    _, record = load_model(tmp_path / "atlas" / "model.pt")
+    assert record["training"]["val_subjects"] == ["S3"] and record["training"]["atlas"] == "S0"
+    assert record["training"]["config"]["mode"] == "atlas" and 0 < record["validation"]["val_dice"] <= 1
