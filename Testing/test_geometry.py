@@ -178,3 +178,21 @@ def test_dice_and_counts_with_huge_sparse_label_ids():
     assert result[600_000_000] == pytest.approx(2 * 8 / (16 + 8))
     assert metrics.label_counts(a, [7, 600_000_000]) == {7: 1, 600_000_000: 16}
     assert metrics.label_counts(a, [5]) == {5: 0}
+
+
+def test_working_grid_covers_the_mask_with_margin_in_whole_multiples():
+    image = sitk.Image([50, 60, 40], sitk.sitkFloat32)
+    image.SetSpacing((0.8, 1.0, 1.5))
+    image.SetOrigin((10.0, -20.0, 5.0))
+    mask = np.zeros((40, 60, 50), bool)
+    mask[10:20, 15:45, 5:30] = True  # k, j, i
+    grid = images.working_grid(image, mask, 1.0, 16, margin_mm=4.0)
+    size = np.array(grid.GetSize())
+    assert (size % 16 == 0).all() and grid.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    low = np.array([10.0 + 0.8 * 4.5, -20.0 + 14.5, 5.0 + 1.5 * 9.5]) - 4.0  # mask bounds (voxel edges) - margin
+    high = np.array([10.0 + 0.8 * 29.5, -20.0 + 44.5, 5.0 + 1.5 * 19.5]) + 4.0
+    first = np.array(grid.GetOrigin()) - 0.5
+    last = np.array(grid.TransformIndexToPhysicalPoint([int(n - 1) for n in size])) + 0.5
+    assert (first <= low + 1e-9).all() and (last >= high - 1e-9).all()  # covered
+    np.testing.assert_allclose((first + last) / 2, (low + high) / 2, atol=1e-9)  # centred
+    assert ((last - first) - (high - low) < 16).all()  # no more than one extra multiple

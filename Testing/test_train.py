@@ -144,3 +144,13 @@ def test_training_lowers_the_loss(tmp_path):
     losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "learn" / "log.csv"))]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first - 0.01, (first, last)  # measured: -1.732 -> -1.747
+
+
+def test_too_many_labels_for_memory_are_refused(tmp_path, capsys, monkeypatch):
+    from SlicerVoxelMorphLib import train
+
+    images, labels = _dataset(tmp_path)
+    monkeypatch.setattr(train, "MAX_LABEL_BYTES", 1000)  # 3 labels x 4 subjects x 16^3 voxels is more
+    code = main(["train", "--images", str(images), "--labels", str(labels), "--iterations", "1", "--device", "cpu",
+                 "--quiet", "--out", str(tmp_path / "x")])
+    assert code == 2 and "merge labels" in capsys.readouterr().err

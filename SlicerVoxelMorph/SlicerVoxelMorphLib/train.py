@@ -169,6 +169,12 @@ class Trainer:
         self.factor = level_factor(c.spacing_mm)
         # one training grid for all subjects: the working grid of the first image, over its whole extent
         self.grid = grid_for(check_image(read_image(c.images[0], "training image")), None, c.spacing_mm, 0.0)
+        subjects = len(c.images) + len(c.val_images) + (1 if c.atlas else 0)
+        soft_bytes = len(self.label_set) * subjects * np.prod(self.grid.GetSize()) / self.factor ** 3
+        if c.labels and soft_bytes > MAX_LABEL_BYTES:
+            raise InputError(f"{len(self.label_set)} labels x {subjects} subjects need {soft_bytes / 1e9:.1f} GB of "
+                             f"label maps at the training spacing (limit {MAX_LABEL_BYTES / 1e9:.0f} GB): merge labels "
+                             "or train on fewer subjects")
         self.progress("decoding", 0.0)
 
         def load(paths: list[str], label_paths: list[str] | None) -> tuple[list[Subject], list[SynthSubject]]:
@@ -402,6 +408,7 @@ class Trainer:
                 raise
 
 
+MAX_LABEL_BYTES = 4e9  # one-hot label maps of all subjects, uint8 at the training spacing
 LOG_COLUMNS = ["iteration", "seconds", "synthetic", "loss", "ncc", "smooth", "dice", "val_dice", "val_worst",
                *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent"]
 RESUMABLE_CHANGES = {"iterations", "val_every", "checkpoint_every"}  # settings a resumed run may change
