@@ -22,7 +22,7 @@ from .layers import ResizeTransform, SpatialTransformer, downsample
 from .models import load_model, resolve_model, save_model
 from .networks import VxmDense
 from .preprocess import grid_for, level_factor, prepare, resample
-from .synth import Synthesiser, SynthSubject, make_subject
+from .synth import Synthesiser, SynthSubject, make_subject, random_affine_matrix
 
 
 @dataclass
@@ -84,26 +84,11 @@ def load_subject(image_path: str, label_path: str | None, label_set: list[int], 
     return Subject(name, small.contiguous(), soft, labels), synthetic
 
 
-def random_affine(rng: np.random.Generator, rotation_deg: float = 4.0, scale: float = 0.04,
-                  shift: float = 0.03) -> torch.Tensor:
-    """Small random affine in normalised coordinates, shape (1, 3, 4), for F.affine_grid."""
-    angles = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg, 3))
-    rotation = np.eye(3)
-    for axis, angle in enumerate(angles):
-        c, s = math.cos(angle), math.sin(angle)
-        a, b = [i for i in range(3) if i != axis]
-        r = np.eye(3)
-        r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
-        rotation = rotation @ r
-    matrix = rotation @ np.diag(1 + rng.uniform(-scale, scale, 3))
-    theta = np.concatenate([matrix, rng.uniform(-shift, shift, (3, 1))], axis=1)
-    return torch.tensor(theta, dtype=torch.float32)[None]
-
-
 def augment_pair(moving: torch.Tensor, fixed: torch.Tensor, moving_soft: torch.Tensor | None,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Random small affine on the moving side; random gamma and noise on both intensities."""
-    grid = F.affine_grid(random_affine(rng), list(moving.shape), align_corners=True)
+    theta = random_affine_matrix(rng, rotation_deg=4.0, scale=0.04, shear=0.0, shift=0.03)
+    grid = F.affine_grid(theta, list(moving.shape), align_corners=True)
     moving = F.grid_sample(moving, grid, align_corners=True, padding_mode="border")
     if moving_soft is not None:
         moving_soft = F.grid_sample(moving_soft, grid, align_corners=True)
