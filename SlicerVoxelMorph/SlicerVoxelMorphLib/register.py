@@ -149,15 +149,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
             return None  # experts' --refine N: exactly N steps (no early stop) with the accurate settings
         return Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
 
+    fallback = Refiner(**settings) if auto_refine else None
     try:
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(),
-                                                          Refiner(**settings) if auto_refine else None,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), fallback,
                                                           torch_device, clock, inverse, masks)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(),
-                                                          Refiner(**settings) if auto_refine else None,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), fallback,
                                                           torch.device("cpu"), clock, inverse, masks)
 
     clock("compose")
@@ -192,11 +191,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         "versions": versions(),
     }
     if inverse_displacement is not None:
-        moving_mask = (sitk.GetArrayViewFromImage(moving_labels) > 0) if moving_labels is not None \
+        moving_region = (sitk.GetArrayViewFromImage(moving_labels) > 0) if moving_labels is not None \
             else foreground_mask(moving)
         report["inverse_round_trip"] = {
             "fixed_points": round_trip_error(displacement, inverse_displacement, mask),
-            "moving_points": round_trip_error(inverse_displacement, displacement, moving_mask)}
+            "moving_points": round_trip_error(inverse_displacement, displacement, moving_region)}
     if fixed_points is not None:
         report["landmarks"] = landmark_errors(fixed_points, moving_points, displacement)
     if fixed_labels is not None:
@@ -229,7 +228,8 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
         clock("network")
         with torch.no_grad():
             velocity = net.to(device).velocity(moving_small, fixed_small)
-            info["alignment"] = alignment(moving_small, fixed_small, velocity, int_steps)
+            descriptors = mind_ssc(moving_small), mind_ssc(fixed_small)  # for both alignment checks
+            info["alignment"] = alignment(*descriptors, velocity, int_steps)
         if refiner is None and fallback is not None and \
                 info["alignment"]["network"] >= info["alignment"]["affine_only"]:
             warnings.warn("the network did not improve on the affine alignment of this pair (inputs unlike its "
@@ -243,18 +243,18 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
             velocity, moving_small, fixed_small, clock.progress, fixed_mask, moving_mask)
         if net is not None:
             with torch.no_grad():
-                info["alignment"]["refined"] = alignment(moving_small, fixed_small, velocity, int_steps)["network"]
+                info["alignment"]["refined"] = alignment(*descriptors, velocity, int_steps)["network"]
     with torch.no_grad():
         flow = displacement_from_velocity(velocity, size, int_steps)[0].cpu().numpy()
         backward = displacement_from_velocity(-velocity, size, int_steps)[0].cpu().numpy() if inverse else None
     return flow, backward, device, info
 
 
-def alignment(moving: torch.Tensor, fixed: torch.Tensor, velocity: torch.Tensor, int_steps: int) -> dict[str, float]:
-    """Mean squared MIND-SSC difference (modality independent; lower is better) between the fixed image
-    and the moving image as it is (affine only) and warped by ``velocity``."""
-    target, source = mind_ssc(fixed), mind_ssc(moving)
-    flow = displacement_from_velocity(velocity, tuple(fixed.shape[2:]), int_steps)
+def alignment(source: torch.Tensor, target: torch.Tensor, velocity: torch.Tensor, int_steps: int) -> dict[str, float]:
+    """Mean squared MIND-SSC difference (modality independent; lower is better) between the fixed image's
+    descriptors ``target`` and the moving image's ``source`` as they are (affine only) and warped by
+    ``velocity``."""
+    flow = displacement_from_velocity(velocity, tuple(target.shape[2:]), int_steps)
     return {"affine_only": round(losses.mse(target, source).item(), 6),
             "network": round(losses.mse(target, SpatialTransformer()(source, flow)).item(), 6)}
 
