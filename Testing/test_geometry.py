@@ -196,3 +196,16 @@ def test_working_grid_covers_the_mask_with_margin_in_whole_multiples():
     assert (first <= low + 1e-9).all() and (last >= high - 1e-9).all()  # covered
     np.testing.assert_allclose((first + last) / 2, (low + high) / 2, atol=1e-9)  # centred
     assert ((last - first) - (high - low) < 16).all()  # no more than one extra multiple
+
+
+def test_jacobian_of_a_smooth_field_matches_simpleitk_inside():
+    image = sitk.Image([14, 12, 10], sitk.sitkFloat32)
+    image.SetSpacing((1.5, 0.8, 2.0))
+    x = images.physical_points(image)
+    u = np.stack([2 * np.sin(x[..., 0] / 4) + np.sin(x[..., 1] / 3), 0.005 * x[..., 0] * x[..., 2],
+                  np.cos(x[..., 0] / 5)], -1)
+    det = metrics.jacobian_determinant(u, images.index_to_physical(image)[:3, :3])
+    field = images.displacement_image(u, image)
+    reference = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field, True))
+    np.testing.assert_allclose(det[1:-1, 1:-1, 1:-1], reference[1:-1, 1:-1, 1:-1], rtol=1e-4)
+    assert np.ptp(det) > 0.3  # the field is far from affine: the check is not vacuous

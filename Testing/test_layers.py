@@ -76,3 +76,27 @@ def test_sample_at_matches_scipy_inside_and_is_zero_outside():
         np.testing.assert_allclose(out[c], expected, atol=1e-5)
     far = sample_at(torch.from_numpy(volume)[None], torch.tensor([[-5.0, 0.0, 0.0], [0.0, 0.0, 20.0]]))
     assert (far == 0).all()
+
+
+def test_affine_on_grid_is_the_matrix_at_every_index():
+    from SlicerVoxelMorphLib.layers import affine_on_grid
+
+    matrix = np.array([[1.1, 0.2, -0.3, 5.0], [0.0, 0.9, 0.4, -7.0], [0.1, 0.0, 1.3, 2.5], [0, 0, 0, 1]])
+    k, j, i = np.meshgrid(np.arange(5), np.arange(6), np.arange(7), indexing="ij")
+    expected = np.stack([i, j, k, np.ones_like(i)], -1) @ matrix[:3].T
+    np.testing.assert_allclose(affine_on_grid(matrix, (5, 6, 7)).numpy(), expected, atol=1e-5)
+
+
+def test_sample_on_grid_matches_scipy_through_an_index_map():
+    from SlicerVoxelMorphLib.layers import sample_on_grid
+
+    rng = np.random.default_rng(4)
+    volume = rng.random((2, 9, 10, 11)).astype(np.float32)  # (C, D, H, W)
+    index_map = np.array([[0.7, 0.1, 0.0, 1.2], [0.0, 0.8, -0.1, 1.5], [0.05, 0.0, 0.6, 0.9], [0, 0, 0, 1]])
+    shape = (8, 7, 9)  # (K, J, I) of the output grid
+    out = sample_on_grid(torch.from_numpy(volume)[None], index_map, shape).numpy()[0]
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    index = np.stack([i, j, k, np.ones_like(i)], -1) @ index_map[:3].T  # (i, j, k) in the volume
+    for c in range(2):
+        expected = map_coordinates(volume[c], np.moveaxis(index[..., ::-1], -1, 0), order=1, mode="constant")
+        np.testing.assert_allclose(out[c], expected, atol=1e-5)

@@ -1,6 +1,7 @@
 """Losses against hand-computed values."""
 
 import numpy as np
+import pytest
 import torch
 
 from SlicerVoxelMorphLib import losses
@@ -49,3 +50,14 @@ def test_grad_of_linear_ramp():
 
 def test_mse():
     assert losses.mse(torch.zeros(2, 2), torch.full((2, 2), 3.0)).item() == 9.0
+
+
+@pytest.mark.parametrize("window", [3, 5, 9])
+def test_box_mean_matches_scipy_uniform_filter_with_zero_padding(window):
+    from scipy.ndimage import uniform_filter
+
+    from SlicerVoxelMorphLib.losses import box_mean
+
+    x = np.random.default_rng(window).random((2, 11, 12, 13)).astype(np.float32)
+    expected = np.stack([uniform_filter(c.astype(np.float64), window, mode="constant") for c in x])
+    np.testing.assert_allclose(box_mean(torch.from_numpy(x)[None], window)[0].numpy(), expected, atol=1e-5)

@@ -163,7 +163,7 @@ def test_affine_part_is_found_and_composed():
     matrix = images.affine_matrix(truth)  # moving(T(x)) = fixed(x): the field must be T(x) - x
     expected = points @ matrix[:3, :3].T + matrix[:3, 3] - points
     error = np.linalg.norm(sitk.GetArrayFromImage(result.displacement)[mask] - expected[mask], axis=1).mean()
-    assert error < 0.5, error
+    assert error < 0.6, error  # the affine stage runs on one 3 mm level here (48 mm phantom, shrunk 3x)
 
 
 def test_inputs_are_not_modified(pair):

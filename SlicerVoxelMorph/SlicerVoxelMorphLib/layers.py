@@ -4,6 +4,7 @@ Tensors are (batch, channel, D, H, W). A displacement field has 3 channels: the 
 along D, H and W (for images from SimpleITK arrays: along k, j, i).
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +81,31 @@ def sample_at(volume: torch.Tensor, index: torch.Tensor, padding: str = "zeros")
     grid = (index * scale - 1.0).reshape(1, 1, 1, -1, 3)
     out = F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode=padding, align_corners=True)
     return out.reshape(volume.shape[1], *index.shape[:-1])
+
+
+def affine_on_grid(matrix: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``matrix[:3] @ (i, j, k, 1)`` at every voxel index of a grid of ``shape`` (K, J, I): (K, J, I, 3)
+    float32, built by ``F.affine_grid`` (one multithreaded pass, no coordinate arrays)."""
+    k, j, i = shape
+    normalised_to_index = np.eye(4)  # align_corners=False: x = (2 i + 1) / I - 1
+    normalised_to_index[:3, :3] = np.diag([i / 2, j / 2, k / 2])
+    normalised_to_index[:3, 3] = [(i - 1) / 2, (j - 1) / 2, (k - 1) / 2]
+    theta = torch.from_numpy((np.asarray(matrix, dtype=np.float64) @ normalised_to_index)[:3].astype(np.float32))
+    return F.affine_grid(theta[None], [1, 1, k, j, i], align_corners=False)[0]
+
+
+def sample_on_grid(volume: torch.Tensor, index_map: np.ndarray, shape: tuple[int, int, int],
+                   padding: str = "zeros") -> torch.Tensor:
+    """Trilinear samples (1, C, K, J, I) of ``volume`` (1, C, D, H, W) at the voxel centres of a grid of
+    ``shape`` (K, J, I) whose index (i, j, k, 1) maps to a continuous index of ``volume`` through the
+    4x4 ``index_map``; outside: zero, or the edge value with ``padding="border"``."""
+    d, h, w = volume.shape[2:]
+    index_to_normalised = np.eye(4)
+    index_to_normalised[:3, :3] = np.diag([2 / w, 2 / h, 2 / d])
+    index_to_normalised[:3, 3] = [1 / w - 1, 1 / h - 1, 1 / d - 1]
+    grid = affine_on_grid(index_to_normalised @ index_map, shape)
+    return F.grid_sample(volume, grid[None].to(volume.dtype), mode="bilinear", padding_mode=padding,
+                         align_corners=False)
 
 
 def displacement_from_velocity(velocity: torch.Tensor, size: tuple[int, ...], steps: int = 7) -> torch.Tensor:

@@ -2,18 +2,25 @@
 
 import torch
 
+SHIFTED_SUM_MAX_WINDOW = 5  # box_mean: up to this window a sum of shifted copies is faster than cumsum
+
 
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a centred cubic window with zero padding, by separable running sums (O(N) per axis)."""
+    """Mean over a centred cubic window with zero padding, separably: a sum of shifted copies for small
+    windows (exact), running sums for larger ones (O(N) per axis)."""
     half = window // 2
     for dim in (2, 3, 4):
         n = x.shape[dim]
         before = list(x.shape)
-        before[dim] = half + 1
-        after = list(x.shape)
-        after[dim] = half
-        sums = torch.cat([x.new_zeros(before), x, x.new_zeros(after)], dim).cumsum(dim)
-        x = sums.narrow(dim, window, n) - sums.narrow(dim, 0, n)
+        before[dim] = half
+        padded = torch.cat([x.new_zeros(before), x, x.new_zeros(before)], dim)
+        if window <= SHIFTED_SUM_MAX_WINDOW:
+            x = padded.narrow(dim, 0, n)
+            for offset in range(1, window):
+                x = x + padded.narrow(dim, offset, n)
+        else:
+            sums = torch.cat([x.new_zeros((*x.shape[:dim], 1, *x.shape[dim + 1:])), padded.cumsum(dim)], dim)
+            x = sums.narrow(dim, window, n) - sums.narrow(dim, 0, n)
     return x / window**3
 
 

@@ -6,7 +6,10 @@ LOOKUP_LIMIT = 1 << 20  # ids below this are compacted through a lookup table, l
 
 
 def label_ids(labels: np.ndarray) -> list[int]:
-    """Sorted non-zero label ids present in a label map."""
+    """Sorted non-zero label ids present in a label map (by counting when the ids are small integers)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind in "iub" and labels.size and 0 <= labels.min() and labels.max() < LOOKUP_LIMIT:
+        return [int(v) for v in np.flatnonzero(np.bincount(labels.ravel())) if v != 0]
     return [int(v) for v in np.unique(labels) if v != 0]
 
 
@@ -51,17 +54,22 @@ def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarr
 
     ``vectors``: u in physical units, shape (K, J, I, 3) on a grid whose index (i, j, k) maps to
     physical space through the 3x3 matrix ``index_to_physical_linear`` (direction @ diag(spacing)).
-    Central differences inside, one-sided at the borders (numpy.gradient).
+    Central differences inside, one-sided at the borders (as numpy.gradient), in torch (multithreaded).
     """
-    inverse = np.linalg.inv(index_to_physical_linear)
-    vectors = np.asarray(vectors, dtype=np.float32)
-    by_index = [np.gradient(vectors, axis=axis) for axis in (2, 1, 0)]  # d u / d i, d j, d k
+    import torch
+
+    inverse = torch.from_numpy(np.linalg.inv(index_to_physical_linear).astype(np.float32))
+    u = np.ascontiguousarray(vectors, dtype=np.float32)
+    u = torch.from_numpy(u if u.flags.writeable else u.copy())  # torch warns on read-only views
+    by_index = torch.gradient(u, dim=(2, 1, 0))  # d u / d i, d j, d k: (K, J, I, 3) each
     # J[a][b] = delta_ab + sum_c du_a/dindex_c * inverse[c, b]
-    jac = [[sum(by_index[c][..., a] * np.float32(inverse[c, b]) for c in range(3)) + (a == b)
-            for b in range(3)] for a in range(3)]
-    return (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
-            - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
-            + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])).astype(np.float32)
+    jac = [[by_index[0][..., a] * inverse[0, b] + by_index[1][..., a] * inverse[1, b]
+            + by_index[2][..., a] * inverse[2, b] + float(a == b) for b in range(3)] for a in range(3)]
+    del by_index
+    det = jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
+    det -= jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
+    det += jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
+    return det.numpy()
 
 
 def folding_percent(det: np.ndarray, mask: np.ndarray) -> float:

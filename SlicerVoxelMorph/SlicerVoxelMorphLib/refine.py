@@ -53,8 +53,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         return padded[:, :, k:k + shape[0], j_:j_ + shape[1], i_:i_ + shape[2]]
 
     size = 2 * radius + 1
-    ssd = torch.cat([F.avg_pool3d((shifted(six[a]) - shifted(six[b])) ** 2, size, stride=1, padding=radius)
-                     for a, b in pairs], dim=1)
+    ssd = losses.box_mean(torch.cat([(shifted(six[a]) - shifted(six[b])) ** 2 for a, b in pairs], dim=1), size)
     ssd = ssd - ssd.min(dim=1, keepdim=True).values
     variance = ssd.mean(dim=1, keepdim=True)
     variance = variance.clamp(variance.mean() * 1e-3, variance.mean() * 1e3)

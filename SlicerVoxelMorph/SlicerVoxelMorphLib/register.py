@@ -9,11 +9,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from . import images, losses, metrics
 from .devices import pick_device
 from .errors import InputError
-from .layers import SpatialTransformer, displacement_from_velocity, downsample, sample_at
+from .layers import (
+    SpatialTransformer,
+    affine_on_grid,
+    displacement_from_velocity,
+    downsample,
+    sample_at,
+    sample_on_grid,
+)
 from .models import load_model, resolve_model, versions
 from .preprocess import (
     WORKING_SPACING_MM,
@@ -102,6 +110,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("give both fixed and moving labels, or neither")
     ids: list[int] = []
+    fixed_ids: list[int] = []
+    moving_ids: list[int] = []
     if fixed_labels is not None:
         fixed_labels = images.check_labels(fixed_labels, fixed, "fixed labels")
         moving_labels = images.check_labels(moving_labels, moving, "moving labels")
@@ -199,8 +209,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     if fixed_points is not None:
         report["landmarks"] = landmark_errors(fixed_points, moving_points, displacement)
     if fixed_labels is not None:
-        report.update(_dice_report(fixed_labels, moving_labels, warped_labels, fixed, moving, transform, ids,
-                                   label_names))
+        report.update(_dice_report(fixed_labels, moving_labels, warped_labels, fixed, ids, label_names))
+        report["labels_only_in_fixed"] = sorted(set(fixed_ids) - set(ids))
+        report["labels_only_in_moving"] = sorted(set(moving_ids) - set(ids))
     clock.stop()
     report["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 3)}
     return RegistrationResult(warped, displacement, jacobian, warped_labels, report, inverse_displacement)
@@ -279,16 +290,34 @@ def compose_inverse(inverse_flow: np.ndarray, grid: sitk.Image, transform: sitk.
 def _field(flow: np.ndarray, grid: sitk.Image, before: np.ndarray, after: np.ndarray,
            reference: sitk.Image) -> sitk.Image:
     """p -> after(q + d(q)) - p with q = before(p), for every voxel centre p of ``reference``, float32."""
-    vectors = torch.from_numpy(images.voxel_flow_to_physical(flow, grid).astype(np.float32))
-    index = torch.from_numpy(images.affine_field(np.linalg.inv(images.index_to_physical(grid)) @ before,
-                                                 reference, np.float32))
-    deformable = sample_at(vectors.permute(3, 0, 1, 2)[None].contiguous(), index, "border").permute(1, 2, 3, 0)
-    deformable *= _taper(index, grid)[..., None]
-    del index
-    # after (q + d) - p  =  after_linear d + (after before - I) p, in float32 (< 1e-4 mm within 1 m)
-    total = deformable @ torch.from_numpy(after[:3, :3].T.astype(np.float32))
-    total += torch.from_numpy(images.affine_field(after @ before - np.eye(4), reference, np.float32))
+    # after (q + d) - p  =  after_linear d + (after before - I) p: the linear part is applied on the coarse grid
+    vectors = images.voxel_flow_to_physical(flow, grid) @ after[:3, :3].T
+    tapered, pad = _tapered(torch.from_numpy(vectors.astype(np.float32)), grid)
+    shift = np.eye(4)
+    shift[:3, 3] = pad
+    shape = reference.GetSize()[::-1]
+    to_grid = shift @ np.linalg.inv(images.index_to_physical(grid)) @ before @ images.index_to_physical(reference)
+    total = affine_on_grid((after @ before - np.eye(4)) @ images.index_to_physical(reference), shape)
+    total += sample_on_grid(tapered, to_grid, shape)[0].permute(1, 2, 3, 0)
     return images.displacement_image(total.numpy(), reference, np.float32)
+
+
+def _tapered(vectors: torch.Tensor, grid: sitk.Image) -> tuple[torch.Tensor, list[int]]:
+    """The field (K, J, I, 3) on ``grid`` padded by its edge values as far as TAPER_MM beyond the grid's
+    extent and faded smoothly (C1) to zero there: (1, 3, K', J', I') and the padding (i, j, k) in voxels."""
+    spacing = grid.GetSpacing()
+    pad = [math.ceil(TAPER_MM / s + 0.5) for s in spacing]
+    padded = F.pad(vectors.permute(3, 0, 1, 2)[None], [pad[0], pad[0], pad[1], pad[1], pad[2], pad[2]],
+                   mode="replicate")
+    squared = torch.zeros(padded.shape[2:])
+    for axis, (n, p, s) in enumerate(zip(grid.GetSize(), pad, spacing, strict=True)):  # i, j, k
+        index = torch.arange(n + 2 * p, dtype=torch.float32) - p
+        outside = torch.maximum(-0.5 - index, index - (n - 0.5)).clamp_min(0) * s  # mm beyond the face
+        shape = [1, 1, 1]
+        shape[2 - axis] = -1
+        squared = squared + (outside ** 2).view(shape)
+    t = (1 - squared.sqrt() / TAPER_MM).clamp(0, 1)
+    return padded * (t * t * (3 - 2 * t)), pad
 
 
 def round_trip_error(forward: sitk.Image, inverse: sitk.Image, mask: np.ndarray) -> dict[str, float]:
@@ -302,15 +331,6 @@ def round_trip_error(forward: sitk.Image, inverse: sitk.Image, mask: np.ndarray)
     back = there + sample_at(w.contiguous(), torch.from_numpy(there_index.astype(np.float32)), "border").T.numpy()
     error = np.linalg.norm(back - points, axis=1)
     return {"mean_mm": round(float(error.mean()), 4), "p95_mm": round(float(np.percentile(error, 95)), 4)}
-
-
-def _taper(index: torch.Tensor, grid: sitk.Image) -> torch.Tensor:
-    """Weight (K, J, I): 1 inside ``grid``'s extent, smoothly (C1) down to 0 at TAPER_MM outside it."""
-    size = torch.tensor(grid.GetSize(), dtype=index.dtype)
-    spacing = torch.tensor(grid.GetSpacing(), dtype=index.dtype)
-    outside = torch.maximum(-0.5 - index, index - (size - 0.5)).clamp_min(0) * spacing  # mm beyond each face
-    t = (1 - outside.norm(dim=-1) / TAPER_MM).clamp(0, 1)
-    return t * t * (3 - 2 * t)
 
 
 def landmark_errors(fixed_points: np.ndarray, moving_points: np.ndarray, displacement: sitk.Image) -> dict:
@@ -334,22 +354,18 @@ def landmark_errors(fixed_points: np.ndarray, moving_points: np.ndarray, displac
 
 
 def _dice_report(fixed_labels: sitk.Image, moving_labels: sitk.Image, warped_labels: sitk.Image,
-                 fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, ids: list[int],
-                 names: dict[int, str] | None) -> dict:
+                 fixed: sitk.Image, ids: list[int], names: dict[int, str] | None) -> dict:
     """Per-label Dice before (moving labels on the fixed grid, identity) and after registration."""
-    fixed_array = sitk.GetArrayFromImage(fixed_labels)
-    before = sitk.Resample(moving_labels, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
-    dice_before = metrics.dice(fixed_array, sitk.GetArrayFromImage(before), ids)
-    dice_after = metrics.dice(fixed_array, sitk.GetArrayFromImage(warped_labels), ids)
+    fixed_array = sitk.GetArrayViewFromImage(fixed_labels)
+    before = images.labels_on_grid(moving_labels, fixed)  # kept alive while its array view is used
+    dice_before = metrics.dice(fixed_array, sitk.GetArrayViewFromImage(before), ids)
+    dice_after = metrics.dice(fixed_array, sitk.GetArrayViewFromImage(warped_labels), ids)
     voxel_mm3 = float(np.prod(fixed.GetSpacing()))
     counts = metrics.label_counts(fixed_array, ids)
     named = _label_names(ids, names)
     rows = [{"label": i, "name": named[i], "dice_before": round(dice_before[i], 4),
              "dice_after": round(dice_after[i], 4), "fixed_volume_mm3": round(float(counts[i]) * voxel_mm3, 1)}
             for i in ids]
-    fixed_only = sorted(set(metrics.label_ids(fixed_array)) - set(ids))
-    moving_only = sorted(set(metrics.label_ids(sitk.GetArrayViewFromImage(moving_labels))) - set(ids))
     return {"labels": rows,
             "mean_dice_before": round(float(np.nanmean([r["dice_before"] for r in rows])), 4),
-            "mean_dice_after": round(float(np.nanmean([r["dice_after"] for r in rows])), 4),
-            "labels_only_in_fixed": fixed_only, "labels_only_in_moving": moving_only}
+            "mean_dice_after": round(float(np.nanmean([r["dice_after"] for r in rows])), 4)}
