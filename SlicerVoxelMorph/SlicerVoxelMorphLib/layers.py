@@ -85,13 +85,14 @@ def sample_at(volume: torch.Tensor, index: torch.Tensor, padding: str = "zeros")
 
 def affine_on_grid(matrix: np.ndarray, shape: tuple[int, int, int]) -> torch.Tensor:
     """``matrix[:3] @ (i, j, k, 1)`` at every voxel index of a grid of ``shape`` (K, J, I): (K, J, I, 3)
-    float32, built by ``F.affine_grid`` (one multithreaded pass, no coordinate arrays)."""
-    k, j, i = shape
-    normalised_to_index = np.eye(4)  # align_corners=False: x = (2 i + 1) / I - 1
-    normalised_to_index[:3, :3] = np.diag([i / 2, j / 2, k / 2])
-    normalised_to_index[:3, 3] = [(i - 1) / 2, (j - 1) / 2, (k - 1) / 2]
-    theta = torch.from_numpy((np.asarray(matrix, dtype=np.float64) @ normalised_to_index)[:3].astype(np.float32))
-    return F.affine_grid(theta[None], [1, 1, k, j, i], align_corners=False)[0]
+    float32, as a sum of one broadcast term per axis (no coordinate arrays, no matrix product)."""
+    matrix = torch.from_numpy(np.asarray(matrix, dtype=np.float64)[:3].T.astype(np.float32))  # rows: i, j, k, 1
+    out = matrix[3].expand(*shape, 3).clone()
+    for axis, n in enumerate(shape[::-1]):  # i, j, k -> tensor dims 2, 1, 0
+        view = [1, 1, 1, 3]
+        view[2 - axis] = n
+        out += (torch.arange(n, dtype=torch.float32)[:, None] * matrix[axis]).view(view)
+    return out
 
 
 def sample_on_grid(volume: torch.Tensor, index_map: np.ndarray, shape: tuple[int, int, int],

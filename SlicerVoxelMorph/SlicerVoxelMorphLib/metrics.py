@@ -1,6 +1,12 @@
 """Registration metrics: Dice overlap and the Jacobian determinant of a displacement field."""
 
+import warnings
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 LOOKUP_LIMIT = 1 << 20  # ids below this are compacted through a lookup table, larger ones by binary search
 
@@ -58,18 +64,33 @@ def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarr
     """
     import torch
 
-    inverse = torch.from_numpy(np.linalg.inv(index_to_physical_linear).astype(np.float32))
-    u = np.ascontiguousarray(vectors, dtype=np.float32)
-    u = torch.from_numpy(u if u.flags.writeable else u.copy())  # torch warns on read-only views
-    by_index = torch.gradient(u, dim=(2, 1, 0))  # d u / d i, d j, d k: (K, J, I, 3) each
-    # J[a][b] = delta_ab + sum_c du_a/dindex_c * inverse[c, b]
-    jac = [[by_index[0][..., a] * inverse[0, b] + by_index[1][..., a] * inverse[1, b]
-            + by_index[2][..., a] * inverse[2, b] + float(a == b) for b in range(3)] for a in range(3)]
-    del by_index
+    inverse = np.linalg.inv(index_to_physical_linear)
+    with warnings.catch_warnings():  # a read-only view is fine: it is only read
+        warnings.simplefilter("ignore", UserWarning)
+        u = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    components = u.permute(3, 0, 1, 2).contiguous()  # u_a as contiguous (K, J, I) volumes
+    jac = []
+    for a in range(3):
+        by_index = [_difference(components[a], dim) for dim in (2, 1, 0)]  # d u_a / d i, d j, d k
+        # J[a][b] = delta_ab + sum_c du_a/dindex_c * inverse[c, b] (zero terms skipped: axis-aligned grids)
+        jac.append([sum((by_index[c] * float(inverse[c, b]) for c in range(3) if inverse[c, b] != 0),
+                        torch.full_like(by_index[0], float(a == b))) for b in range(3)])
     det = jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
     det -= jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
     det += jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
     return det.numpy()
+
+
+def _difference(volume: "torch.Tensor", dim: int) -> "torch.Tensor":
+    """numpy.gradient of a torch volume along ``dim`` (central inside, one-sided at the ends), in place."""
+    out = volume.new_empty(volume.shape)
+    n = volume.shape[dim]
+    if n < 2:
+        return out.zero_()
+    out.narrow(dim, 1, n - 2).copy_(volume.narrow(dim, 2, n - 2)).sub_(volume.narrow(dim, 0, n - 2)).mul_(0.5)
+    out.narrow(dim, 0, 1).copy_(volume.narrow(dim, 1, 1)).sub_(volume.narrow(dim, 0, 1))
+    out.narrow(dim, n - 1, 1).copy_(volume.narrow(dim, n - 1, 1)).sub_(volume.narrow(dim, n - 2, 1))
+    return out
 
 
 def folding_percent(det: np.ndarray, mask: np.ndarray) -> float:
