@@ -218,6 +218,38 @@ def test_cancelling_during_a_stage_stops_the_registration(pair, stage):
     assert seen[-1] == stage and "compose" not in seen
 
 
+def test_cancelling_the_affine_stage_stops_its_optimiser_at_once(pair, monkeypatch):
+    from SlicerVoxelMorphLib.errors import Cancelled
+
+    paths, _ = pair
+    fixed, moving = sitk.ReadImage(str(paths["fixed"])), sitk.ReadImage(str(paths["moving"]))
+    iterations = []
+    add_command = sitk.ImageRegistrationMethod.AddCommand
+
+    def counting(method, event, callback):  # counts the optimiser's iteration events
+        return add_command(method, event, lambda: (iterations.append(1), callback()))
+
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "AddCommand", counting)
+
+    def progress(name: str, fraction: float) -> None:
+        if name == "affine" and 0 < fraction < 1:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        register(fixed, moving, model=None, progress=progress)
+    assert len(iterations) <= 2  # the first iteration cancels; StopRegistration ends the optimisation there
+
+
+def test_warped_volume_outside_the_moving_image_has_its_background_value():
+    image, _ = phantom((40, 44, 36), seed=3)
+    ct = image * 1000.0 - 1000.0  # air at -1000 HU
+    fixed = to_image(ct)
+    moving = to_image(ct[4:-4], origin=(0.0, 0.0, 4.0))  # 8 slices shorter: the fixed grid reaches beyond it
+    result = register(fixed, moving, model=None, affine=False, auto_refine=False)
+    warped = sitk.GetArrayFromImage(result.warped)
+    assert warped[0].max() == pytest.approx(-1000.0) and warped[-1].max() == pytest.approx(-1000.0)
+
+
 def test_a_moving_mask_hiding_a_lesion_keeps_the_field_of_the_lesion_free_pair():
     image, _ = phantom((40, 44, 36), seed=9)
     fixed = to_image(image)

@@ -158,6 +158,7 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
             progress("affine", min(1.0, method.GetOptimizerIteration() / iterations))
         except Cancelled as exc:
             cancelled.append(exc)
+            method.StopRegistration()  # the optimiser ends after this iteration
 
     method.AddCommand(sitk.sitkIterationEvent, report)
     method.Execute(f, m)

@@ -26,6 +26,7 @@ from .models import load_model, resolve_model, versions
 from .preprocess import (
     WORKING_SPACING_MM,
     affine_align,
+    background_value,
     check_scale,
     foreground_mask,
     grid_for,
@@ -176,7 +177,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
     clock("warp")
     field_transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
-    warped = sitk.Resample(moving, fixed, field_transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    fill = background_value(sitk.GetArrayViewFromImage(moving))  # outside the moving image: its background
+    warped = sitk.Resample(moving, fixed, field_transform, sitk.sitkLinear, fill, sitk.sitkFloat32)
     warped_labels = None
     if moving_labels is not None:
         warped_labels = sitk.Resample(moving_labels, fixed, field_transform, sitk.sitkNearestNeighbor, 0,
