@@ -328,3 +328,59 @@ def test_progress_tracker_is_monotone_and_ends_at_100():
     percent, text = fast.update("network", 1.0)
     assert 0 < percent < 100 and text == scene.STAGES["network"][0]
     assert fast.update("unknown stage", 0.5) == (percent, "unknown stage")
+
+
+def test_structure_names_ignore_slicer_default_tables_and_show_the_value():
+    assert scene.structure_name(3, "Brain", "Labels") == "label 3"  # legacy table: 1 jake, 2 Peach, 3 Brain
+    assert scene.structure_name(12, "12", "GenericColors") == "label 12"
+    assert scene.structure_name(17, "Left-Hippocampus", "FreeSurferColorLUT") == "17: Left-Hippocampus"
+    assert scene.structure_name(5, "(none)", "Custom") == "label 5"
+    assert scene.structure_name(5, "", None) == "label 5"
+
+
+def test_landmarks_are_matched_by_label_or_by_row_and_converted_to_lps():
+    a, b, c = np.array([1.0, 2.0, 3.0]), np.array([-4.0, 5.0, 6.0]), np.array([7.0, -8.0, 9.0])
+    fixed, moving, names = scene.match_landmarks([("AC", a), ("PC", b)], [("PC", c), ("AC", b)])
+    assert names == ["AC", "PC"]
+    np.testing.assert_array_equal(fixed, [[-1, -2, 3], [4, -5, 6]])
+    np.testing.assert_array_equal(moving, [[4, -5, 6], [-7, 8, 9]])  # AC's partner is b, PC's is c
+    _, moving, names = scene.match_landmarks([("F-1", a), ("F-2", b)], [("M-1", c), ("M-2", a)])
+    assert names == ["F-1 / M-1", "F-2 / M-2"]
+    np.testing.assert_array_equal(moving[0], [-7, 8, 9])
+    with pytest.raises(ValueError, match="2 fixed and 1 moving"):
+        scene.match_landmarks([("F-1", a), ("F-2", b)], [("M-1", c)])
+
+
+def test_landmark_rows_follow_the_report_with_a_mean_row():
+    report = {"landmarks": {"tre_before_mm": [3.0, 5.0], "tre_after_mm": [1.0, 2.0], "mean_tre_before_mm": 4.0,
+                            "mean_tre_after_mm": 1.5, "rows_outside_the_field": []}}
+    assert scene.landmark_table_rows(report, ["AC", "PC"]) == [("AC", 3.0, 1.0), ("PC", 5.0, 2.0),
+                                                                ("mean", 4.0, 1.5)]
+    assert scene.landmark_table_rows({}, []) == []
+
+
+def test_dice_of_overlapping_segments_is_computed_from_separate_masks():
+    shape = (12, 14, 16)
+    reference = sitk.Image(shape[::-1], sitk.sitkFloat32)
+    whole = np.zeros(shape, bool)
+    whole[2:10, 3:11, 4:12] = True
+    core = np.zeros(shape, bool)
+    core[4:8, 5:9, 6:10] = True  # inside "whole": the segments overlap
+    lower = whole.copy()
+    lower[6:] = False
+    assert scene.masks_overlap([whole, core]) and not scene.masks_overlap([lower, whole & ~lower])
+    shift = np.zeros((*shape, 3))
+    shift[..., 0] = 2.0  # the fixed point x corresponds to the moving point x + 2 mm along i
+    field = images.displacement_image(shift, reference)
+
+    def moving_mask(mask):  # the same structure 2 voxels further along i in the moving image
+        image = sitk.GetImageFromArray(np.roll(mask, 2, axis=2).astype(np.uint8))
+        image.CopyInformation(reference)
+        return image
+
+    report = scene.mask_dice_report([whole, core], [moving_mask(whole), moving_mask(core)], field, reference,
+                                    ["whole", "core"])
+    # before: shifted by 2 of 8 (whole) and 2 of 4 (core) voxels along i; after: exact
+    assert [r["dice_before"] for r in report["labels"]] == [0.75, 0.5]
+    assert [r["dice_after"] for r in report["labels"]] == [1.0, 1.0]
+    assert report["labels"][1]["fixed_volume_mm3"] == 64.0 and report["mean_dice_after"] == 1.0

@@ -103,6 +103,87 @@ def relabel(array: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     return out
 
 
+# Slicer's default colour tables whose entry names are not structures ("jake", "Peach"; numbers)
+UNNAMED_COLOR_TABLES = frozenset({"Labels", "GenericColors"})
+
+
+def structure_name(value: int, color_name: str | None, table_name: str | None) -> str:
+    """Name of a label map value for tables: "17: hippocampus" from a colour table that names structures,
+    "label 17" when the table is one of Slicer's unnamed defaults or has no name for the value."""
+    if not color_name or color_name == "(none)" or table_name in UNNAMED_COLOR_TABLES:
+        return f"label {value}"
+    return f"{value}: {color_name}"
+
+
+def match_landmarks(fixed: list[tuple[str, np.ndarray]], moving: list[tuple[str, np.ndarray]]
+                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Pair (label, RAS point) lists: by label when each side's labels are unique and the same set,
+    else by row when the counts match. Returns fixed and moving points (N, 3) in LPS and the names."""
+    fixed_labels, moving_labels = [name for name, _ in fixed], [name for name, _ in moving]
+    if not fixed or not moving:
+        raise ValueError("landmarks: both point lists need at least one point")
+    unique = len(set(fixed_labels)) == len(fixed) and len(set(moving_labels)) == len(moving)
+    if unique and set(fixed_labels) == set(moving_labels):
+        by_label = dict(moving)
+        pairs = [(name, point, by_label[name]) for name, point in fixed]
+    elif len(fixed) == len(moving):
+        pairs = [(f"{a} / {b}" if a != b else a, p, q) for (a, p), (b, q) in zip(fixed, moving, strict=True)]
+    else:
+        raise ValueError(f"landmarks: {len(fixed)} fixed and {len(moving)} moving points, and their labels do "
+                         "not match one to one: give the same labels, or the same number of points in order")
+    to_lps = np.array([-1.0, -1.0, 1.0])
+    return (np.array([p for _, p, _ in pairs], float).reshape(-1, 3) * to_lps,
+            np.array([q for _, _, q in pairs], float).reshape(-1, 3) * to_lps, [n for n, _, _ in pairs])
+
+
+def landmark_table_rows(report: dict, names: list[str]) -> list[tuple[str, float, float]]:
+    """(landmark, TRE before mm, TRE after mm) per pair and a final mean row; [] without landmarks."""
+    errors = report.get("landmarks")
+    if not errors:
+        return []
+    rows = [(name, float(before), float(after)) for name, before, after
+            in zip(names, errors["tre_before_mm"], errors["tre_after_mm"], strict=True)]
+    return [*rows, ("mean", float(errors["mean_tre_before_mm"]), float(errors["mean_tre_after_mm"]))]
+
+
+LANDMARK_COLUMNS = ("Landmark", "TRE before (mm)", "TRE after (mm)")
+
+
+def masks_overlap(masks: list[np.ndarray]) -> bool:
+    """True when any voxel is inside two or more of the boolean arrays."""
+    if len(masks) < 2:
+        return False
+    return bool((np.sum([np.asarray(m, bool) for m in masks], axis=0, dtype=np.int32) > 1).any())
+
+
+def warp_mask(mask: sitk.Image, displacement: sitk.Image | None, reference: sitk.Image) -> np.ndarray:
+    """A binary mask (K, J, I) on ``reference``'s grid through the field (None: as it lies): linear
+    interpolation of the 0/1 mask, inside where >= 0.5 (smooth boundaries, no nearest-neighbour staircase)."""
+    transform = sitk.Transform() if displacement is None else \
+        sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    moved = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(moved) >= 0.5
+
+
+def mask_dice_report(fixed_masks: list[np.ndarray], moving_masks: list[sitk.Image], displacement: sitk.Image,
+                     fixed: sitk.Image, names: list[str]) -> dict:
+    """Dice rows as ``register`` reports them, one per structure from separate masks (segments may
+    overlap): fixed masks (K, J, I) on the fixed grid, moving masks as images on the moving grid."""
+    voxel_mm3 = float(np.prod(fixed.GetSpacing()))
+    rows = []
+    for name, target, source in zip(names, fixed_masks, moving_masks, strict=True):
+        target = np.asarray(target, bool)
+        dice = []
+        for moved in (warp_mask(source, None, fixed), warp_mask(source, displacement, fixed)):
+            total = int(target.sum()) + int(moved.sum())
+            dice.append(round(2 * int((target & moved).sum()) / total, 4) if total else float("nan"))
+        rows.append({"label": len(rows) + 1, "name": name, "dice_before": dice[0], "dice_after": dice[1],
+                     "fixed_volume_mm3": round(float(target.sum()) * voxel_mm3, 1)})
+    return {"labels": rows,
+            "mean_dice_before": round(float(np.nanmean([r["dice_before"] for r in rows])), 4),
+            "mean_dice_after": round(float(np.nanmean([r["dice_after"] for r in rows])), 4)}
+
+
 def dice_table_rows(report: dict) -> list[tuple[str, float, float, float]]:
     """(name, Dice before, Dice after, fixed volume mm3) per label, in report order; [] without labels."""
     return [(str(row["name"]), float(row["dice_before"]), float(row["dice_after"]), float(row["fixed_volume_mm3"]))
