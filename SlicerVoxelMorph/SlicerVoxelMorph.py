@@ -15,6 +15,7 @@ import slicer
 import vtk
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsFiducialNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
@@ -33,6 +34,9 @@ from slicer.util import VTKObservationMixin
 
 # Attribute that marks nodes this module created; only such nodes are reused or replaced by a re-run.
 ROLE_ATTRIBUTE = "SlicerVoxelMorph.Role"
+# torch builds before 2.3 were compiled against numpy 1.x; Slicer 5.10 ships numpy 2
+TORCH_REQUIREMENT = ">=2.3"
+TORCH_MINIMUM = (2, 3)
 
 
 #
@@ -57,7 +61,10 @@ with skull): for other contrasts, scanners or anatomy use Accurate mode, which a
 Research use only: not a medical device.
 Outputs: the warped volume on the fixed grid, a grid transform (resampling convention, fixed to moving)
 that can be applied to any node, the Jacobian determinant of the deformation, and a Dice table when
-label maps or segmentations are given. Segments are matched by name, label map values by value.
+label maps or segmentations are given (segments matched by name, label map values by value; overlapping
+segments each get their own Dice). Optional: masks of the regions to align (to ignore skull, a lesion or
+electrodes), landmark point lists (target registration error table), the inverse transform, and other
+volumes or segmentations of the moving subject warped along.
 See the <a href="https://github.com/SlicerVoxelMorph/SlicerVoxelMorph">module documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
@@ -115,6 +122,12 @@ class SlicerVoxelMorphParameterNode:
     diceTable: vtkMRMLTableNode
     computeInverse: bool = False
     inverseTransform: vtkMRMLTransformNode
+    fixedMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007
+    movingMask: Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]  # noqa: UP007
+    fixedLandmarks: Union[vtkMRMLMarkupsFiducialNode, None]  # noqa: UP007
+    movingLandmarks: Union[vtkMRMLMarkupsFiducialNode, None]  # noqa: UP007
+    landmarkTable: vtkMRMLTableNode
+    smoothness: Annotated[float, WithinRange(0.25, 4.0)] = 1.0
     modelSource: ModelSource = ModelSource.BUNDLED
     modelPath: Path
     device: Device = Device.AUTO
@@ -212,6 +225,8 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.modelPathLineEdit.enabled = p.modelSource == ModelSource.FILE
         self.ui.refineIterationsSpinBox.enabled = p.modelSource == ModelSource.NONE
+        self.ui.smoothnessSliderWidget.enabled = p.mode == Mode.ACCURATE or p.modelSource == ModelSource.NONE
+        self.ui.landmarkTableSelector.enabled = p.fixedLandmarks is not None and p.movingLandmarks is not None
         self.ui.jacobianSelector.enabled = p.computeJacobian
         self.ui.inverseTransformSelector.enabled = p.computeInverse
         self.ui.cancelButton.enabled = self._running
@@ -242,7 +257,10 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _ensureTorch(self) -> bool:
         """True when torch can be imported, offering to install it through SlicerPyTorch otherwise."""
         if SlicerVoxelMorphLogic.torchInstalled():
-            return True
+            problem = SlicerVoxelMorphLogic.torchVersionProblem()
+            if problem:
+                slicer.util.errorDisplay(problem)
+            return problem is None
         if not SlicerVoxelMorphLogic.pyTorchUtilsAvailable():
             slicer.util.errorDisplay(_("VoxelMorph registration needs PyTorch. Install the 'PyTorch' extension "
                                        "(SlicerPyTorch) from the Extensions Manager, restart Slicer and try again."))
@@ -269,7 +287,8 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         tracker = ProgressTracker(affine=p.affine, refine=self.logic.refineSteps(p) > 0 or self.logic.accurate(p))
         dialog = slicer.util.createProgressDialog(windowTitle=_("VoxelMorph registration"),
-                                                  labelText=_("Starting..."), maximum=100)
+                                                  labelText=_("Starting..."), maximum=100,
+                                                  windowModality=qt.Qt.ApplicationModal)
         self._running, self._cancelRequested = True, False
         self._updateGui()
 
@@ -285,7 +304,8 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.tryWithErrorDisplay(_("Registration failed.")):
                 try:
-                    outputs = self.logic.processParameterNode(p, progress=progress)
+                    outputs = self.logic.processParameterNode(
+                        p, progress=progress, alsoWarp=list(self.ui.alsoWarpCheckableComboBox.checkedNodes()))
                 except Cancelled:
                     self.ui.statusLabel.text = _("Cancelled")
                     return
@@ -308,8 +328,11 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class RegistrationOutputs:
     """Nodes a registration wrote, and the engine's report."""
 
-    def __init__(self, warped, transform, jacobian, table, chart, report: dict, inverse=None) -> None:
+    def __init__(self, warped, transform, jacobian, table, chart, report: dict, inverse=None, landmarks=None,
+                 alsoWarped=()) -> None:
         self.warpedVolume = warped
+        self.landmarkTable = landmarks
+        self.alsoWarped = list(alsoWarped)
         self.transform = transform
         self.inverseTransform = inverse
         self.jacobianVolume = jacobian
@@ -336,6 +359,22 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         return importlib.util.find_spec("torch") is not None
 
     @staticmethod
+    def torchVersionProblem() -> str | None:
+        """Why the installed torch cannot run here (too old for Slicer's numpy 2), or None."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("torch")
+        except PackageNotFoundError:
+            return None
+        numbers = tuple(int(part) for part in installed.split("+")[0].split(".")[:2] if part.isdigit())
+        if numbers >= TORCH_MINIMUM:
+            return None
+        return _("PyTorch {installed} is installed, but {required} is needed with this Slicer: update it from the "
+                 "PyTorch module (SlicerPyTorch) and restart Slicer.").format(installed=installed,
+                                                                             required=TORCH_REQUIREMENT)
+
+    @staticmethod
     def pyTorchUtilsAvailable() -> bool:
         try:
             import PyTorchUtils  # noqa: F401
@@ -348,7 +387,8 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         """Install torch with SlicerPyTorch's PyTorchUtils (light-the-torch picks the CUDA build)."""
         import PyTorchUtils
 
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is not None
+        logic = PyTorchUtils.PyTorchUtilsLogic()
+        return logic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is not None
 
     @staticmethod
     def availableDevices() -> list[str]:
@@ -369,6 +409,8 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             return _("Select labels for both volumes, or for neither")
         if p.modelSource == ModelSource.FILE and not Path(p.modelPath).is_file():
             return _("Select a model file")
+        if (p.fixedLandmarks is None) != (p.movingLandmarks is None):
+            return _("Select landmarks for both volumes, or for neither")
         inputs = {n.GetID() for n in (p.fixedVolume, p.movingVolume, p.fixedLabels, p.movingLabels) if n}
         for output in (p.warpedVolume, p.jacobianVolume):
             if output is not None and output.GetID() in inputs:
@@ -399,8 +441,9 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
     def accurate(p) -> bool:
         return p.mode == Mode.ACCURATE and p.modelSource != ModelSource.NONE
 
-    def processParameterNode(self, p, progress=None) -> RegistrationOutputs:
-        """Run with the panel's settings and store the created output nodes back in the parameter node."""
+    def processParameterNode(self, p, progress=None, alsoWarp=()) -> RegistrationOutputs:
+        """Run with the panel's settings and store the created output nodes back in the parameter node;
+        ``alsoWarp``: more volumes and segmentations of the moving subject to bring onto the fixed grid."""
         problem = self.inputProblem(p)
         if problem:
             raise ValueError(problem)
@@ -409,7 +452,9 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             warpedVolume=p.warpedVolume, transform=p.outputTransform,
             jacobianVolume=p.jacobianVolume if p.computeJacobian else None, computeJacobian=p.computeJacobian,
             diceTable=p.diceTable, inverseTransform=p.inverseTransform, computeInverse=p.computeInverse,
-            model=self.modelArgument(p), device=p.device.value,
+            fixedMask=p.fixedMask, movingMask=p.movingMask, fixedLandmarks=p.fixedLandmarks,
+            movingLandmarks=p.movingLandmarks, landmarkTable=p.landmarkTable, smoothness=p.smoothness,
+            alsoWarp=alsoWarp, model=self.modelArgument(p), device=p.device.value,
             refineSteps=self.refineSteps(p), accurate=self.accurate(p), affine=p.affine, progress=progress)
         p.warpedVolume = outputs.warpedVolume
         p.outputTransform = outputs.transform
@@ -419,27 +464,36 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             p.diceTable = outputs.diceTable
         if outputs.inverseTransform is not None:
             p.inverseTransform = outputs.inverseTransform
+        if outputs.landmarkTable is not None:
+            p.landmarkTable = outputs.landmarkTable
         return outputs
 
     # --- the run -----------------------------------------------------------------------------------
 
     def process(self, fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, *, warpedVolume=None,
                 transform=None, jacobianVolume=None, computeJacobian=True, diceTable=None, inverseTransform=None,
-                computeInverse=False, model="bundled",
+                computeInverse=False, fixedMask=None, movingMask=None, fixedLandmarks=None, movingLandmarks=None,
+                landmarkTable=None, smoothness=1.0, alsoWarp=(), model="bundled",
                 device="auto", refineSteps=0, accurate=False, affine=True, progress=None,
                 showResult=True) -> RegistrationOutputs:
         """Register ``movingVolume`` to ``fixedVolume`` and write the results into the scene.
 
         Output nodes that are None are created (and marked as the module's own). Label inputs are label map
-        volumes or segmentations; both or neither. Raises ValueError (InputError) for bad input and
+        volumes or segmentations; both or neither (overlapping segments get Dice from separate masks). Masks
+        (label map or segmentation) hide what is outside them; landmarks (point lists, matched by label or
+        order) give a TRE table; ``alsoWarp`` volumes and segmentations of the moving subject are brought
+        onto the fixed grid. Raises ValueError (InputError) for bad input and
         SlicerVoxelMorphLib.errors.Cancelled when ``progress`` cancels.
         """
+        from SlicerVoxelMorphLib import scene
         from SlicerVoxelMorphLib.register import register  # imports torch
 
         if fixedVolume is None or movingVolume is None:
             raise ValueError(_("A fixed and a moving volume are required"))
         if (fixedLabels is None) != (movingLabels is None):
             raise ValueError(_("Give labels for both volumes, or for neither"))
+        if (fixedLandmarks is None) != (movingLandmarks is None):
+            raise ValueError(_("Give landmarks for both volumes, or for neither"))
         inputIds = {n.GetID() for n in (fixedVolume, movingVolume, fixedLabels, movingLabels) if n is not None}
         if any(output is not None and output.GetID() in inputIds for output in (warpedVolume, jacobianVolume)):
             raise ValueError(_("An output volume is one of the inputs: choose another or create a new one"))
@@ -449,13 +503,27 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
 
         fixed = self.imageFromVolume(fixedVolume)
         moving = self.imageFromVolume(movingVolume)
-        labelArgs = {}
+        arguments = {}
+        overlapping = None
         if fixedLabels is not None:
-            labelArgs = self.labelImages(fixedLabels, fixedVolume, fixed, movingLabels, movingVolume, moving)
+            labels = self.labelImages(fixedLabels, fixedVolume, fixed, movingLabels, movingVolume, moving)
+            overlapping = labels.pop("overlapping", None)
+            arguments.update(labels)
+        if fixedMask is not None:
+            arguments["fixed_mask"] = self.maskImage(fixedMask, fixedVolume)
+        if movingMask is not None:
+            arguments["moving_mask"] = self.maskImage(movingMask, movingVolume)
+        landmarkNames = []
+        if fixedLandmarks is not None:
+            fixedPoints, movingPoints, landmarkNames = scene.match_landmarks(
+                self.controlPoints(fixedLandmarks), self.controlPoints(movingLandmarks))
+            arguments.update(fixed_points=fixedPoints, moving_points=movingPoints)
 
         result = register(fixed, moving, model=model, device=device, refine_steps=int(refineSteps),
                           accurate=bool(accurate), affine=bool(affine), inverse=bool(computeInverse),
-                          progress=progress, **labelArgs)
+                          smoothness=float(smoothness), progress=progress, **arguments)
+        if overlapping is not None:  # segments overlap: one Dice per segment from its own masks
+            result.report.update(scene.mask_dice_report(*overlapping[:2], result.displacement, fixed, overlapping[2]))
 
         warped = self.writeVolume(warpedVolume, result.warped, movingVolume.GetName() + " warped", "warped")
         gridTransform = self.writeGridTransform(transform, result.displacement,
@@ -480,6 +548,13 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         if result.report.get("labels"):
             table = self.writeDiceTable(diceTable, result.report)
             chart = self.diceChart(table)
+        landmarks = None
+        if result.report.get("landmarks"):
+            landmarks = self.writeTable(landmarkTable, "VoxelMorph landmarks", "landmark table",
+                                        scene.LANDMARK_COLUMNS, scene.landmark_table_rows(result.report, landmarkNames))
+        alsoWarped = [self.warpAlong(node, movingVolume, fixedVolume, fixed, result.displacement)
+                      for node in alsoWarp if node is not None and node.GetID() not in
+                      {movingVolume.GetID(), warped.GetID()}]
 
         if showResult:
             slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=warped, foregroundOpacity=0.5,
@@ -487,7 +562,8 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             if table is not None:
                 self.showTableAndChart(table, chart)
         logging.info(f"SlicerVoxelMorph: {result.report.get('seconds', {})}")
-        return RegistrationOutputs(warped, gridTransform, jacobian, table, chart, result.report, inverse)
+        return RegistrationOutputs(warped, gridTransform, jacobian, table, chart, result.report, inverse, landmarks,
+                                   alsoWarped)
 
     # --- scene -> engine ---------------------------------------------------------------------------
 
@@ -520,7 +596,10 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def labelNames(labelsNode) -> dict[int, str]:
         """{label value: name}: segments get values 1, 2, ... in segment order; label maps use the
-        values present, named from their colour table."""
+        values present, named "value: name" from their colour table unless it is one of Slicer's
+        default tables, whose entry names are not structures."""
+        from SlicerVoxelMorphLib import scene
+
         if labelsNode.IsA("vtkMRMLSegmentationNode"):
             segmentation = labelsNode.GetSegmentation()
             return {index + 1: segmentation.GetSegment(segmentation.GetNthSegmentID(index)).GetName()
@@ -528,47 +607,72 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         values = [int(v) for v in np.unique(slicer.util.arrayFromVolume(labelsNode)) if v != 0]
         display = labelsNode.GetDisplayNode()
         colors = display.GetColorNode() if display is not None else None
-        names = {}
-        for value in values:
-            name = colors.GetColorName(value) if colors is not None and value < colors.GetNumberOfColors() else ""
-            names[value] = name if name and name != "(none)" else f"label {value}"
-        return names
+        table = colors.GetName() if colors is not None else None
+        return {value: scene.structure_name(
+            value, colors.GetColorName(value) if colors is not None and value < colors.GetNumberOfColors() else None,
+            table) for value in values}
 
-    def labelImage(self, labelsNode, volumeNode, volumeImage, mapping: dict[int, int]):
-        """Label image on the grid of ``volumeImage`` with values renumbered by ``mapping``."""
-        from SlicerVoxelMorphLib import images, scene
+    def structureMasks(self, labelsNode, volumeNode, volumeImage, values: list[int]) -> list[np.ndarray]:
+        """One boolean (K, J, I) array per value on the volume's grid: a segment (value = index + 1),
+        exported on its own so that overlapping segments keep their overlap, or a label map value."""
+        from SlicerVoxelMorphLib import images
 
         if labelsNode.IsA("vtkMRMLSegmentationNode"):
             segmentation = labelsNode.GetSegmentation()
-            array = None
-            for value, newValue in mapping.items():
-                segmentId = segmentation.GetNthSegmentID(value - 1)
-                # exports through ExportSegmentsToLabelmapNode onto the volume's grid (and parent transform)
-                mask = slicer.util.arrayFromSegmentBinaryLabelmap(labelsNode, segmentId, volumeNode)
-                if array is None:
-                    array = np.zeros(mask.shape, np.int32)
-                array[mask > 0] = newValue
-            return images.image_from_array(array, self.worldIJKToRAS(volumeNode))
-        labels = images.image_from_array(scene.relabel(slicer.util.arrayFromVolume(labelsNode), mapping),
-                                         self.worldIJKToRAS(labelsNode))
-        return images.labels_on_grid(labels, volumeImage)
+            # exports through ExportSegmentsToLabelmapNode onto the volume's grid (and parent transform)
+            return [slicer.util.arrayFromSegmentBinaryLabelmap(labelsNode, segmentation.GetNthSegmentID(value - 1),
+                                                               volumeNode) > 0 for value in values]
+        labels = images.labels_on_grid(images.image_from_array(slicer.util.arrayFromVolume(labelsNode),
+                                                               self.worldIJKToRAS(labelsNode)), volumeImage)
+        array = images.array_kji(labels)
+        return [array == value for value in values]
 
     def labelImages(self, fixedLabels, fixedVolume, fixed, movingLabels, movingVolume, moving) -> dict:
-        """Engine label arguments: both label maps renumbered 1..n over the structures they share."""
-        from SlicerVoxelMorphLib import scene
+        """Engine label arguments: both label maps renumbered 1..n over the structures they share; with
+        overlapping segments instead "overlapping": (fixed masks, moving mask images, names)."""
+        from SlicerVoxelMorphLib import images, scene
 
         byValue = fixedLabels.IsA("vtkMRMLLabelMapVolumeNode") and movingLabels.IsA("vtkMRMLLabelMapVolumeNode")
         pairs = scene.pair_labels(self.labelNames(fixedLabels), self.labelNames(movingLabels), byValue)
         if not pairs:
             raise ValueError(_("The fixed and moving labels share no structure (segments are matched by name, "
                                "label map values by value)"))
+        names = [name for _f, _m, name in pairs]
+        fixedMasks = self.structureMasks(fixedLabels, fixedVolume, fixed, [f for f, _m, _n in pairs])
+        movingMasks = self.structureMasks(movingLabels, movingVolume, moving, [m for _f, m, _n in pairs])
+        movingMatrix = self.worldIJKToRAS(movingVolume)
+        if scene.masks_overlap(fixedMasks) or scene.masks_overlap(movingMasks):
+            return {"overlapping": (fixedMasks, [images.image_from_array(mask.astype(np.uint8), movingMatrix)
+                                                 for mask in movingMasks], names)}
         return {
-            "fixed_labels": self.labelImage(fixedLabels, fixedVolume, fixed,
-                                            {f: k + 1 for k, (f, _m, _n) in enumerate(pairs)}),
-            "moving_labels": self.labelImage(movingLabels, movingVolume, moving,
-                                             {m: k + 1 for k, (_f, m, _n) in enumerate(pairs)}),
-            "label_names": {k + 1: name for k, (_f, _m, name) in enumerate(pairs)},
+            "fixed_labels": images.image_from_array(scene.merge_masks(fixedMasks), self.worldIJKToRAS(fixedVolume)),
+            "moving_labels": images.image_from_array(scene.merge_masks(movingMasks), movingMatrix),
+            "label_names": {k + 1: name for k, name in enumerate(names)},
         }
+
+    def maskImage(self, maskNode, volumeNode):
+        """Binary image on the volume's grid: non-zero label map voxels, or the union of all segments."""
+        from SlicerVoxelMorphLib import images
+
+        if maskNode.IsA("vtkMRMLSegmentationNode"):
+            count = maskNode.GetSegmentation().GetNumberOfSegments()
+            if count == 0:
+                raise ValueError(_("The mask {name} has no segment").format(name=maskNode.GetName()))
+            masks = self.structureMasks(maskNode, volumeNode, None, list(range(1, count + 1)))
+            inside = np.logical_or.reduce(masks)
+        else:
+            volumeImage = images.image_from_array(np.zeros(slicer.util.arrayFromVolume(volumeNode).shape, np.uint8),
+                                                  self.worldIJKToRAS(volumeNode))
+            labels = images.labels_on_grid(images.image_from_array(slicer.util.arrayFromVolume(maskNode),
+                                                                   self.worldIJKToRAS(maskNode)), volumeImage)
+            inside = images.array_kji(labels) != 0
+        return images.image_from_array(inside.astype(np.uint8), self.worldIJKToRAS(volumeNode))
+
+    @staticmethod
+    def controlPoints(markupsNode) -> list[tuple[str, np.ndarray]]:
+        """(label, world RAS position) of every control point of a point list."""
+        positions = slicer.util.arrayFromMarkupsControlPoints(markupsNode, world=True)
+        return [(markupsNode.GetNthControlPointLabel(index), positions[index]) for index in range(len(positions))]
 
     # --- engine -> scene ---------------------------------------------------------------------------
 
@@ -581,11 +685,11 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         node.SetAttribute(ROLE_ATTRIBUTE, role)
         return node
 
-    def writeVolume(self, volumeNode, image, name: str, role: str):
-        """Scalar volume with the image's voxels and geometry (updateVolumeFromArray sets no geometry)."""
+    def writeVolume(self, volumeNode, image, name: str, role: str, className: str = "vtkMRMLScalarVolumeNode"):
+        """Volume with the image's voxels and geometry (updateVolumeFromArray sets no geometry)."""
         from SlicerVoxelMorphLib import images
 
-        volumeNode = self.ownNode(volumeNode, "vtkMRMLScalarVolumeNode", name, role)
+        volumeNode = self.ownNode(volumeNode, className, name, role)
         volumeNode.SetAndObserveTransformNodeID(None)  # the geometry below is already in world coordinates
         slicer.util.updateVolumeFromArray(volumeNode, images.array_kji(image))
         volumeNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(images.ijk_to_ras(image)))
@@ -635,25 +739,60 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
         """Table: structure name, Dice before, Dice after, fixed volume (mm3), one row per label."""
         from SlicerVoxelMorphLib import scene
 
-        rows = scene.dice_table_rows(report)
-        tableNode = self.ownNode(tableNode, "vtkMRMLTableNode", "VoxelMorph Dice", "dice table")
+        tableNode = self.writeTable(tableNode, "VoxelMorph Dice", "dice table", scene.DICE_COLUMNS,
+                                    scene.dice_table_rows(report))
+        tableNode.SetColumnUnitLabel(scene.DICE_COLUMNS[3], "mm3")
+        return tableNode
+
+    def writeTable(self, tableNode, name: str, role: str, columns: tuple[str, ...], rows: list[tuple]):
+        """Table with a text first column and numeric others, one row per tuple."""
+        tableNode = self.ownNode(tableNode, "vtkMRMLTableNode", name, role)
         tableNode.RemoveAllColumns()
         names = vtk.vtkStringArray()
-        names.SetName(scene.DICE_COLUMNS[0])
-        columns = [names]
-        for title in scene.DICE_COLUMNS[1:]:
+        names.SetName(columns[0])
+        arrays = [names]
+        for title in columns[1:]:
             column = vtk.vtkDoubleArray()
             column.SetName(title)
-            columns.append(column)
+            arrays.append(column)
         for row in rows:
             names.InsertNextValue(row[0])
-            for column, value in zip(columns[1:], row[1:], strict=True):
+            for column, value in zip(arrays[1:], row[1:], strict=True):
                 column.InsertNextValue(value)
-        for column in columns:
+        for column in arrays:
             tableNode.AddColumn(column)
-        tableNode.SetColumnUnitLabel(scene.DICE_COLUMNS[3], "mm3")
         tableNode.Modified()
         return tableNode
+
+    def warpAlong(self, node, movingVolume, fixedVolume, fixed, displacement):
+        """A volume or segmentation of the moving subject on the fixed grid through the result, as a new node:
+        label maps by nearest neighbour (colours kept), volumes linearly, segments as smooth masks."""
+        from SlicerVoxelMorphLib import apply, images, scene
+
+        name = node.GetName() + " warped"
+        if node.IsA("vtkMRMLSegmentationNode"):
+            out = self.ownNode(None, "vtkMRMLSegmentationNode", name, "also warped")
+            out.SetReferenceImageGeometryParameterFromVolumeNode(fixedVolume)
+            out.CreateDefaultDisplayNodes()
+            segmentation = node.GetSegmentation()
+            movingMatrix = self.worldIJKToRAS(movingVolume)
+            for index in range(segmentation.GetNumberOfSegments()):
+                segmentId = segmentation.GetNthSegmentID(index)
+                segment = segmentation.GetSegment(segmentId)
+                mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, movingVolume)
+                moved = scene.warp_mask(images.image_from_array(mask.astype(np.uint8), movingMatrix), displacement,
+                                        fixed)
+                newId = out.GetSegmentation().AddEmptySegment("", segment.GetName(), segment.GetColor())
+                slicer.util.updateSegmentBinaryLabelmapFromArray(moved.astype(np.uint8), out, newId, fixedVolume)
+            return out
+        isLabelMap = node.IsA("vtkMRMLLabelMapVolumeNode")
+        moved = apply.warp_image(self.imageFromVolume(node), displacement, fixed,
+                                 "nearest" if isLabelMap else "linear", labels=isLabelMap)
+        out = self.writeVolume(None, moved, name, "also warped",
+                               "vtkMRMLLabelMapVolumeNode" if isLabelMap else "vtkMRMLScalarVolumeNode")
+        if isLabelMap and node.GetDisplayNode() is not None:
+            out.GetDisplayNode().SetAndObserveColorNodeID(node.GetDisplayNode().GetColorNodeID())
+        return out
 
     @staticmethod
     def _ownedNode(className: str, role: str, tableNode):
@@ -709,16 +848,22 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
 
 
 class SlicerVoxelMorphTest(ScriptedLoadableModuleTest):
-    """End-to-end test on Slicer sample data (needs torch; installs it through SlicerPyTorch if missing)."""
+    """End-to-end test on Slicer sample data; skipped (nothing installed) when torch is missing."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if not SlicerVoxelMorphLogic.torchInstalled():
+            self.delayDisplay("PyTorch is not installed: the VoxelMorph self-test is skipped (install the PyTorch "
+                              "extension to run it)")
+            return
         self.setUp()
         self.test_RegisterWithLabelMaps()
         self.setUp()
         self.test_SegmentationMatchedByName()
+        self.setUp()
+        self.test_MasksLandmarksOverlapAndAlsoWarp()
 
     @staticmethod
     def _thresholdLabels(volumeNode, name: str):
@@ -736,9 +881,6 @@ class SlicerVoxelMorphTest(ScriptedLoadableModuleTest):
     def _inputs(self):
         import SampleData
 
-        if not SlicerVoxelMorphLogic.torchInstalled():
-            self.delayDisplay("Installing PyTorch")
-            self.assertTrue(SlicerVoxelMorphLogic.installTorch(), "PyTorch could not be installed")
         fixed = SampleData.downloadSample("MRBrainTumor1")
         moving = SampleData.downloadSample("MRBrainTumor2")
         self.assertIsNotNone(fixed)
@@ -849,8 +991,12 @@ class SlicerVoxelMorphTest(ScriptedLoadableModuleTest):
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving segmentation")
         self.assertTrue(slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(movingLabels,
                                                                                                 segmentation))
-        segmentNames = list(SlicerVoxelMorphLogic.labelNames(segmentation).values())
         labelNames = SlicerVoxelMorphLogic.labelNames(fixedLabels)
+        # the default "Labels" table names values "jake", "Peach": the module calls them "label 1", "label 2"
+        self.assertEqual(sorted(labelNames.values()), ["label 1", "label 2"])
+        for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):  # imported in value order
+            segmentation.GetSegmentation().GetNthSegment(index).SetName(f"label {index + 1}")
+        segmentNames = list(SlicerVoxelMorphLogic.labelNames(segmentation).values())
         # reverse the segment order: matching must follow names, not export order
         segments = segmentation.GetSegmentation()
         firstId = segments.GetNthSegmentID(0)
@@ -870,4 +1016,53 @@ class SlicerVoxelMorphTest(ScriptedLoadableModuleTest):
         expected = {entry["name"]: entry["dice_before"] for entry in byValue.report["labels"]}
         for entry in byName.report["labels"]:
             self.assertAlmostEqual(entry["dice_before"], expected[entry["name"]], places=3)
+        self.delayDisplay("Test passed")
+
+    def test_MasksLandmarksOverlapAndAlsoWarp(self):
+        self.delayDisplay("Masks, landmarks, overlapping segments, also-warp outputs")
+        fixed, moving = self._inputs()
+        fixedLabels = self._thresholdLabels(fixed, "fixed labels")
+        movingLabels = self._thresholdLabels(moving, "moving labels")
+        segmentations = []
+        for labels, name in ((fixedLabels, "fixed segments"), (movingLabels, "moving segments")):
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            node.SetReferenceImageGeometryParameterFromVolumeNode(labels)
+            array = slicer.util.arrayFromVolume(labels)
+            for segmentName, mask in (("head", array > 0), ("bright", array == 2)):  # "bright" lies inside "head"
+                segmentId = node.GetSegmentation().AddEmptySegment("", segmentName)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segmentId, labels)
+            segmentations.append(node)
+        ijkToRas = SlicerVoxelMorphLogic.worldIJKToRAS(fixed)
+        dims = np.array(fixed.GetImageData().GetDimensions())
+        pointLists = []
+        for name in ("fixed points", "moving points"):  # the same positions: TRE before registration is 0
+            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+            for n, fraction in enumerate(([0.5, 0.5, 0.5], [0.4, 0.6, 0.5], [0.6, 0.45, 0.55])):
+                ras = ijkToRas @ np.append(np.array(fraction) * (dims - 1), 1.0)
+                points.AddControlPoint(ras[:3].tolist(), f"P{n + 1}")
+            pointLists.append(points)
+
+        logic = SlicerVoxelMorphLogic()
+        outputs = logic.process(fixed, moving, segmentations[0], segmentations[1], fixedMask=fixedLabels,
+                                movingMask=movingLabels, fixedLandmarks=pointLists[0], movingLandmarks=pointLists[1],
+                                alsoWarp=[movingLabels, segmentations[1]], model="bundled", showResult=False)
+        rows = {entry["name"]: entry for entry in outputs.report["labels"]}
+        self.assertEqual(sorted(rows), ["bright", "head"])  # one row per segment: the overlap is kept
+        self.assertGreater(rows["head"]["fixed_volume_mm3"], rows["bright"]["fixed_volume_mm3"])
+
+        table = outputs.landmarkTable
+        self.assertEqual(table.GetNumberOfRows(), 4)  # three pairs and the mean
+        self.assertEqual(table.GetCellText(0, 0), "P1")
+        self.assertAlmostEqual(float(table.GetCellText(0, 1)), 0.0, places=3)
+        self.assertEqual(outputs.report["landmarks"]["tre_before_mm"], [0.0, 0.0, 0.0])
+
+        warpedLabels, warpedSegments = outputs.alsoWarped
+        self.assertTrue(warpedLabels.IsA("vtkMRMLLabelMapVolumeNode"))
+        self.assertEqual(warpedLabels.GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions())
+        self.assertEqual(warpedSegments.GetSegmentation().GetNumberOfSegments(), 2)
+        # the warped "bright" segment and the warped label 2 are the same structure through the same field
+        bright = slicer.util.arrayFromSegmentBinaryLabelmap(
+            warpedSegments, warpedSegments.GetSegmentation().GetSegmentIdBySegmentName("bright"), fixed) > 0
+        labelTwo = slicer.util.arrayFromVolume(warpedLabels) == 2
+        self.assertGreater(2 * (bright & labelTwo).sum() / (bright.sum() + labelTwo.sum()), 0.9)
         self.delayDisplay("Test passed")

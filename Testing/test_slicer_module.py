@@ -24,6 +24,8 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "SlicerVoxelMorph.ui"
 # widget name suffix -> the class the module code expects behind self.ui.<name>
 SUFFIX_CLASS = {
     "Selector": "qMRMLNodeComboBox",
+    "CheckableComboBox": "qMRMLCheckableNodeComboBox",
+    "SliderWidget": "ctkSliderWidget",
     "Button": "QPushButton",
     "ComboBox": "QComboBox",
     "SpinBox": "QSpinBox",
@@ -73,7 +75,8 @@ def test_ui_parses_and_scene_reaches_every_node_selector():
     assert root.tag == "ui"
     top = root.find("widget")
     assert top.get("class") == "qMRMLWidget" and top.get("name") == "SlicerVoxelMorph"
-    selectors = {name for name, w in ui_widgets().items() if w.get("class") == "qMRMLNodeComboBox"}
+    selectors = {name for name, w in ui_widgets().items()
+                 if w.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")}
     connected = {c.findtext("receiver") for c in root.iter("connection")
                  if c.findtext("sender") == "SlicerVoxelMorph"
                  and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
@@ -120,6 +123,12 @@ def test_parameter_names_match_parameter_node_fields_and_widget_types():
             assert cls == "ctkPathLineEdit", name
         elif annotation.startswith("Annotated[int"):
             assert cls == "QSpinBox", name
+        elif annotation.startswith("Annotated[float, WithinRange("):  # a slider needs a bounded float
+            assert cls == "ctkSliderWidget", name
+            low, high = map(float, re.findall(r"WithinRange\(([^,]+), ([^)]+)\)", annotation)[0])
+            limits = {prop.get("name"): float(prop.findtext("double")) for prop in widget.findall("property")
+                      if prop.get("name") in ("minimum", "maximum")}
+            assert limits == {"minimum": low, "maximum": high}, name
         else:
             raise AssertionError(f"no widget rule for {name}: {annotation}")
 
@@ -286,11 +295,8 @@ def test_labels_are_paired_by_value_or_by_name():
     assert scene.pair_labels(fixed, moving, by_value=False) == [(1, 2, "Left Caudate"), (2, 1, "putamen")]
     assert scene.pair_labels(fixed, moving, by_value=True) == [(1, 1, "Left Caudate"), (2, 2, "putamen")]
     assert scene.pair_labels({0: "background"}, {0: "background"}, by_value=False) == []
-    assert scene.match_names(["A", "b", "B", "c"], ["c", "B"]) == ["b", "c"]
-    assert scene.find_name("LEFT caudate", ["x", "Left Caudate"]) == 1
-    assert scene.find_name("nothing", ["x"]) == -1
-    array = np.array([[0, 1, 2], [5, 2, 9]])
-    np.testing.assert_array_equal(scene.relabel(array, {1: 2, 2: 1}), [[0, 2, 1], [0, 1, 0]])
+    masks = [np.array([[0, 1, 1], [0, 0, 0]], bool), np.array([[0, 0, 0], [1, 0, 0]], bool)]
+    np.testing.assert_array_equal(scene.merge_masks(masks), [[0, 1, 1], [2, 0, 0]])
 
 
 def test_labels_on_grid_resamples_only_when_needed():

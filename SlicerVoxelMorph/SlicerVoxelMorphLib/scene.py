@@ -48,31 +48,6 @@ def _key(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
-def match_names(fixed_names: list[str], moving_names: list[str]) -> list[str]:
-    """Segment names present on both sides (case and spacing ignored), in the fixed order, first of each.
-
-    The fixed spelling is returned; the caller looks the moving segment up with ``find_name``.
-    """
-    moving_keys = {_key(n) for n in moving_names}
-    seen: set[str] = set()
-    common = []
-    for name in fixed_names:
-        key = _key(name)
-        if key in moving_keys and key not in seen:
-            seen.add(key)
-            common.append(name)
-    return common
-
-
-def find_name(name: str, names: list[str]) -> int:
-    """Index in ``names`` of ``name`` compared as ``match_names`` does; -1 when absent."""
-    key = _key(name)
-    for index, candidate in enumerate(names):
-        if _key(candidate) == key:
-            return index
-    return -1
-
-
 def pair_labels(fixed: dict[int, str], moving: dict[int, str], by_value: bool) -> list[tuple[int, int, str]]:
     """Pairs (fixed value, moving value, name) of labels both maps have, by value or by name, sorted by
     fixed value. Label 0 (background) is never paired."""
@@ -94,12 +69,11 @@ def pair_labels(fixed: dict[int, str], moving: dict[int, str], by_value: bool) -
     return pairs
 
 
-def relabel(array: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
-    """int32 copy of a label array with each value v replaced by mapping[v]; values not in mapping become 0."""
-    array = np.asarray(array)
-    out = np.zeros(array.shape, np.int32)
-    for old, new in mapping.items():
-        out[array == old] = new
+def merge_masks(masks: list[np.ndarray]) -> np.ndarray:
+    """int32 label array with value k + 1 where masks[k] is set (masks that do not overlap)."""
+    out = np.zeros(np.shape(masks[0]), np.int32)
+    for value, mask in enumerate(masks, start=1):
+        out[np.asarray(mask, bool)] = value
     return out
 
 
