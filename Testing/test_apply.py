@@ -202,3 +202,29 @@ def test_apply_refuses_bad_label_maps_references_outputs_and_markups(registered,
     odd.write_text(json.dumps([1, 2, 3]))
     _one_error(capsys, ["apply", "--transform", field, "--points", str(odd), "--output", str(tmp_path / "d.csv")],
                "markups")
+
+
+def test_per_label_linear_warp_matches_scipy_and_never_invents_a_label():
+    from scipy.ndimage import map_coordinates
+
+    from SlicerVoxelMorphLib.apply import warp_image
+    from SlicerVoxelMorphLib.images import displacement_image
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros((10, 12, 14), np.uint16)
+    labels[2:8, 3:9, 2:7] = 3
+    labels[2:8, 3:9, 7:12] = 5  # 3 and 5 touch: plain linear interpolation would make 4 between them
+    image = sitk.GetImageFromArray(labels)
+    shift = np.zeros((*labels.shape, 3))
+    shift[..., 0] = 0.4 + rng.uniform(-0.2, 0.2, labels.shape)  # x -> x + u, about half a voxel along i
+    field = displacement_image(shift, image)
+    got = sitk.GetArrayFromImage(warp_image(image, field, image, "linear", labels=True))
+    assert set(np.unique(got)) <= {0, 3, 5} and got.dtype == np.uint16
+    k, j, i = np.meshgrid(*(np.arange(n) for n in labels.shape), indexing="ij")
+    where = np.stack([k, j, i + shift[..., 0]])
+    weights = np.stack([map_coordinates((labels == v).astype(float), where, order=1, mode="nearest")
+                        for v in (0, 3, 5)])
+    expected = np.array([0, 3, 5])[weights.argmax(0)]
+    inside = i + shift[..., 0] <= labels.shape[2] - 1  # beyond the last voxel centre SimpleITK says outside
+    clear = np.sort(weights, 0)[-1] - np.sort(weights, 0)[-2] > 1e-3  # no tie between two labels
+    np.testing.assert_array_equal(got[inside & clear], expected[inside & clear])

@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import images
+from . import images, metrics
 from .errors import InputError
 from .layers import sample_at
 from .preprocess import background_value
@@ -44,14 +44,36 @@ def check_scalar_3d(image: sitk.Image, what: str) -> sitk.Image:
 def warp_image(image: sitk.Image, field: sitk.Image, reference: sitk.Image, interpolation: str = "linear",
                labels: bool = False) -> sitk.Image:
     """``image`` resampled onto ``reference``'s grid through ``field``; outside it: the image's background
-    level (0 for labels). Label maps keep their type and use nearest neighbour unless told otherwise."""
+    level (0 for labels). Label maps keep their type: nearest neighbour, or with "linear" each label's
+    mask is interpolated and every voxel takes the label of largest weight (smooth boundaries, never a
+    value in between two labels); bspline is refused for labels."""
     if interpolation not in INTERPOLATORS:
         raise InputError(f"interpolation must be one of {', '.join(INTERPOLATORS)}, not {interpolation!r}")
     transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     if labels:
-        return sitk.Resample(image, reference, transform, INTERPOLATORS[interpolation], 0, image.GetPixelID())
+        if interpolation == "bspline":
+            raise InputError("label maps are warped with nearest or (per-label) linear interpolation, not bspline")
+        if interpolation == "linear":
+            return _warp_labels_linear(image, transform, reference)
+        return sitk.Resample(image, reference, transform, sitk.sitkNearestNeighbor, 0, image.GetPixelID())
     fill = background_value(sitk.GetArrayViewFromImage(image))
     return sitk.Resample(image, reference, transform, INTERPOLATORS[interpolation], fill, sitk.sitkFloat32)
+
+
+def _warp_labels_linear(labels: sitk.Image, transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
+    """Per-label linear interpolation: the label (0 included, 1 outside the image) of largest weight."""
+    values = [0, *metrics.label_ids(sitk.GetArrayViewFromImage(labels))]
+    best = np.full(reference.GetSize()[::-1], -1.0, np.float32)
+    out = np.zeros(best.shape, sitk.GetArrayViewFromImage(labels).dtype)
+    for value in values:
+        weight = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(labels == value, sitk.sitkFloat32), reference,
+                                                      transform, sitk.sitkLinear, 1.0 if value == 0 else 0.0))
+        larger = weight > best
+        best[larger] = weight[larger]
+        out[larger] = value
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(reference)
+    return result
 
 
 def map_points(points_lps: np.ndarray, field: sitk.Image) -> np.ndarray:

@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--input", help="image or label map to warp")
     a.add_argument("--reference", help="grid of the output image (default: the field's grid)")
     a.add_argument("--interpolation", choices=["linear", "nearest", "bspline"],
-                   help="default linear for images, nearest for --labels")
+                   help="default linear for images, nearest for --labels (linear with --labels: each label "
+                        "interpolated on its own, the largest wins: smooth boundaries)")
     a.add_argument("--labels", action="store_true", help="the input is a label map (keeps its type, 0 outside)")
     a.add_argument("--points", help="CSV x,y,z (LPS mm; l,p,s / r,a,s columns or Slicer markups JSON also read)")
     a.add_argument("--ras", action="store_true", help="x,y,z columns of --points and of the output are RAS")
