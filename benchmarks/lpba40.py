@@ -1,8 +1,11 @@
-"""LPBA40 benchmark: this tool (network only, and with refinement) against ANTs SyN, same pairs, same machine.
+"""LPBA40 benchmark: this tool (network only, accurate) against ANTs SyN, same pairs, same machine, as processes.
 
-Each moving subject is registered to the atlas fixed.nii.gz (S01). Per subject and method: mean Dice
-over the atlas's labels (56), % of voxels in the atlas's labelled brain with det J <= 0, seconds, and
-the time ratio ANTs / method. Writes results.md, results.csv and boxplot.png to --out.
+Each moving subject is registered to the atlas fixed.nii.gz (S01), every method as its own process
+(``slicer-voxelmorph register`` with all its outputs written; ANTs SyN through antspyx with the labels
+warped), so the seconds include start-up, imports and writing, as a user waits for them. Per subject and
+method: mean Dice over the atlas's labels (56), % of voxels in the atlas's labelled brain with
+det J <= 0, seconds, peak resident memory, and the time ratio ANTs / method; per-stage seconds of this
+tool from its report.json. Writes results.md, results.csv and boxplot.png to --out.
 
     python benchmarks/lpba40.py [--data DIR] [--subjects S02,S03] [--refine 50] [--skip-ants] [--out DIR]
 
@@ -12,16 +15,19 @@ data folder or its train/ or test/ subfolder; their label maps are in label/.
 
 import argparse
 import csv
+import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerVoxelMorph"))
 
@@ -29,14 +35,14 @@ from SlicerVoxelMorphLib import metrics
 from SlicerVoxelMorphLib.cli import image_files, subject_name
 from SlicerVoxelMorphLib.errors import InputError
 from SlicerVoxelMorphLib.models import BUNDLED
-from SlicerVoxelMorphLib.register import register
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "LPBA40"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "LPBA40"
 VALIDATION_SUBJECTS = [f"S{n}" for n in range(35, 41)]
 ATLAS = "S01"
 ANTS = "ANTs SyN"
 BEFORE = "before (identity)"
-FIELDS = ["subject", "method", "mean_dice", "folding_percent", "seconds", "ants_time_ratio"]
+FIELDS = ["subject", "method", "mean_dice", "folding_percent", "seconds", "peak_mb", "ants_time_ratio"]
 
 
 def find_file(folders: list[Path], subject: str) -> Path | None:
@@ -71,38 +77,62 @@ def mean_dice(fixed_labels: np.ndarray, warped_labels: np.ndarray, ids: list[int
     return float(np.nanmean(list(metrics.dice(fixed_labels, warped_labels, ids).values())))
 
 
-def run_tool(fixed: sitk.Image, fixed_labels: sitk.Image, image: Path, labels: Path, model: str,
-             refine: int, ids: list[int]) -> dict:
-    """Register one subject with this tool; Dice, folding % and seconds of the whole ``register`` call."""
-    moving, moving_labels = sitk.ReadImage(str(image)), sitk.ReadImage(str(labels))
-    start = time.perf_counter()
-    result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, model=model,
-                      device="cpu", refine_steps=refine)
-    seconds = time.perf_counter() - start
-    dice = mean_dice(sitk.GetArrayViewFromImage(fixed_labels), sitk.GetArrayViewFromImage(result.warped_labels), ids)
-    return {"mean_dice": dice, "folding_percent": result.report["folding_percent"], "seconds": seconds,
-            "before": result.report["mean_dice_before"]}
+def timed_process(command: list[str], threads: int) -> tuple[float, float, str]:
+    """Run ``command``; (wall seconds, its peak resident MB, stdout). RuntimeError when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "SlicerVoxelMorph"), "OMP_NUM_THREADS": str(threads),
+           "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+    with tempfile.TemporaryFile("w+") as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, env=env, text=True)
+        stdout = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own resource use
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(command[:4])}... failed: {errors.read().strip().splitlines()[-1:]}")
+    return seconds, usage.ru_maxrss / 1024, stdout
 
 
-def run_ants(fixed_path: Path, fixed_labels: sitk.Image, image: Path, labels: Path, ids: list[int]) -> dict:
-    """Register one subject with ANTs SyN (antspyx defaults); labels warped with 'genericLabel'."""
+def run_tool(fixed: Path, fixed_labels: Path, image: Path, labels: Path, model: str, options: list[str],
+             threads: int, work: Path) -> dict:
+    """One ``slicer-voxelmorph register`` process: Dice, folding and stages from its report.json."""
+    out = work / "tool"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "SlicerVoxelMorphLib.cli", "register", "--fixed", str(fixed), "--moving",
+               str(image), "--fixed-labels", str(fixed_labels), "--moving-labels", str(labels), "--model", model,
+               "--threads", str(threads), "--quiet", "--out", str(out), *options]
+    seconds, peak_mb, _ = timed_process(command, threads)
+    report = json.loads((out / "report.json").read_text())
+    return {"mean_dice": report["mean_dice_after"], "folding_percent": report["folding_percent"],
+            "seconds": seconds, "peak_mb": peak_mb, "before": report["mean_dice_before"], "stages": report["seconds"]}
+
+
+def run_ants(fixed: Path, fixed_labels: Path, image: Path, labels: Path, threads: int) -> dict:
+    """One process registering with ANTs SyN (antspyx defaults), labels warped with 'genericLabel'."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--ants-worker", str(fixed), str(fixed_labels),
+               str(image), str(labels)]
+    seconds, peak_mb, stdout = timed_process(command, threads)
+    return {**json.loads(stdout.strip().splitlines()[-1]), "seconds": seconds, "peak_mb": peak_mb}
+
+
+def ants_worker(fixed_path: str, fixed_labels_path: str, image: str, labels: str) -> None:
+    """The ANTs process: register, warp the labels, print Dice and folding as JSON."""
     import ants
 
-    fixed, moving = ants.image_read(str(fixed_path)), ants.image_read(str(image))
-    moving_labels = ants.image_read(str(labels))
-    start = time.perf_counter()
+    fixed, moving = ants.image_read(fixed_path), ants.image_read(image)
     out = ants.registration(fixed, moving, type_of_transform="SyN")
-    warped_labels = ants.apply_transforms(fixed, moving_labels, transformlist=out["fwdtransforms"],
+    warped_labels = ants.apply_transforms(fixed, ants.image_read(labels), transformlist=out["fwdtransforms"],
                                           interpolator="genericLabel")
-    seconds = time.perf_counter() - start
     # ants arrays are indexed (i, j, k); SimpleITK's (k, j, i)
     warped = warped_labels.numpy().transpose(2, 1, 0).round().astype(np.int32)
     det = ants.create_jacobian_determinant_image(fixed, out["fwdtransforms"][0]).numpy().transpose(2, 1, 0)
-    fixed_array = sitk.GetArrayViewFromImage(fixed_labels)
+    fixed_array = sitk.GetArrayFromImage(sitk.ReadImage(fixed_labels_path))
     for path in {*out["fwdtransforms"], *out["invtransforms"]}:
         Path(path).unlink(missing_ok=True)
-    return {"mean_dice": mean_dice(fixed_array, warped, ids),
-            "folding_percent": metrics.folding_percent(det, fixed_array > 0), "seconds": seconds}
+    ids = metrics.label_ids(fixed_array)
+    print(json.dumps({"mean_dice": mean_dice(fixed_array, warped, ids),
+                      "folding_percent": metrics.folding_percent(det, fixed_array > 0)}))
 
 
 def plural(n: int, word: str) -> str:
@@ -111,31 +141,44 @@ def plural(n: int, word: str) -> str:
 
 
 def summary_table(rows: list[dict], methods: list[str]) -> list[str]:
-    """Markdown lines: per method, mean +- sd Dice, mean folding, mean seconds, median ANTs time ratio."""
-    lines = ["| method | subjects | mean Dice (mean +- sd) | % det J <= 0 (mean) | seconds (mean) | "
-             "ANTs time / method time (median) |", "|---|---|---|---|---|---|"]
+    """Markdown lines: per method, mean +- sd Dice, folding, seconds, peak memory, median ANTs time ratio."""
+    lines = ["| method | subjects | mean Dice (mean +- sd) | % det J <= 0 (mean) | seconds (mean) | peak MB (max) | "
+             "ANTs time / method time (median) |", "|---|---|---|---|---|---|---|"]
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         dice = [r["mean_dice"] for r in mine]
         sd = statistics.stdev(dice) if len(dice) > 1 else 0.0
         folding = [r["folding_percent"] for r in mine if r["folding_percent"] != ""]
         seconds = [r["seconds"] for r in mine if r["seconds"] != ""]
+        peaks = [r["peak_mb"] for r in mine if r["peak_mb"] != ""]
         ratios = [r["ants_time_ratio"] for r in mine if r["ants_time_ratio"] != ""]
         lines.append(f"| {method} | {len(mine)} | {statistics.mean(dice):.3f} +- {sd:.3f} | "
                      f"{f'{statistics.mean(folding):.4f}' if folding else '-'} | "
                      f"{f'{statistics.mean(seconds):.1f}' if seconds else '-'} | "
+                     f"{f'{max(peaks):.0f}' if peaks else '-'} | "
                      f"{f'{statistics.median(ratios):.1f}' if ratios else '-'} |")
+    return lines
+
+
+def stage_table(stages: dict[str, list[dict]]) -> list[str]:
+    """Markdown lines: mean seconds of each stage of register() (from report.json), per method."""
+    names = list(dict.fromkeys(name for runs in stages.values() for run in runs for name in run))
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for method, runs in stages.items():
+        cells = [f"{statistics.mean(run.get(name, 0.0) for run in runs):.2f}" for name in names]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
 
 def subject_table(rows: list[dict]) -> list[str]:
     """Markdown lines: one row per subject and method."""
-    lines = ["| subject | method | mean Dice | % det J <= 0 | seconds | ANTs time / method time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| subject | method | mean Dice | % det J <= 0 | seconds | peak MB | ANTs time / method time |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["subject"], r["method"], f"{r['mean_dice']:.3f}"]
         cells += [f"{r['folding_percent']:.4f}" if r["folding_percent"] != "" else "-",
                   f"{r['seconds']:.1f}" if r["seconds"] != "" else "-",
+                  f"{r['peak_mb']:.0f}" if r["peak_mb"] != "" else "-",
                   f"{r['ants_time_ratio']:.1f}" if r["ants_time_ratio"] != "" else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -168,21 +211,20 @@ def boxplot(rows: list[dict], methods: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--ants-worker"]:
+        ants_worker(*sys.argv[2:6])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="LPBA40 folder (fixed.nii.gz, label/, ...)")
     parser.add_argument("--subjects", help="comma-separated moving subjects (default: S35..S40 present)")
     parser.add_argument("--model", default="bundled" if BUNDLED.is_file() else "none",
                         help="bundled (default when installed), none (no network) or a model file")
-    parser.add_argument("--refine", type=int, default=50, help="refinement steps of the second run (default 50)")
+    parser.add_argument("--refine", type=int, help="also run --refine N (experts' fixed number of steps)")
     parser.add_argument("--skip-ants", action="store_true", help="run this tool only")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch, ITK and ANTs (default 2)")
     parser.add_argument("--out", default="benchmark_output", help="output folder (default benchmark_output)")
     args = parser.parse_args(argv)
 
-    # the same number of threads for every method; ANTs' ITK reads the variable when it first starts threads
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     data, out = Path(args.data), Path(args.out)
     try:
         subjects = args.subjects.split(",") if args.subjects else default_subjects(data)
@@ -204,25 +246,31 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ants_version = ants.__version__
 
-    fixed, fixed_labels = sitk.ReadImage(str(fixed_path)), sitk.ReadImage(str(fixed_labels_path))
-    ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
-    network = "network only" if args.model != "none" else "affine only (no model)"
-    refined = f"network + refine {args.refine}" if args.model != "none" else f"refine {args.refine} (no model)"
-    methods = [BEFORE, network, refined] + ([ANTS] if ants_version else [])
+    ids = metrics.label_ids(sitk.GetArrayFromImage(sitk.ReadImage(str(fixed_labels_path))))
+    network = "fast (default)" if args.model != "none" else "affine only (no model)"
+    presets = {network: [], "accurate": ["--accurate"]}
+    if args.refine:
+        presets[f"refine {args.refine}"] = ["--refine", str(args.refine)]
+    methods = [BEFORE, *presets] + ([ANTS] if ants_version else [])
     rows: list[dict] = []
-    for subject, (image, labels) in pairs.items():
-        found = {network: run_tool(fixed, fixed_labels, image, labels, args.model, 0, ids),
-                 refined: run_tool(fixed, fixed_labels, image, labels, args.model, args.refine, ids)}
-        if ants_version:
-            found[ANTS] = run_ants(fixed_path, fixed_labels, image, labels, ids)
-        rows.append({"subject": subject, "method": BEFORE, "mean_dice": found[network]["before"],
-                     "folding_percent": "", "seconds": "", "ants_time_ratio": ""})
-        for method, r in found.items():
-            ratio = found[ANTS]["seconds"] / r["seconds"] if ants_version else ""
-            rows.append({"subject": subject, "method": method, "mean_dice": r["mean_dice"],
-                         "folding_percent": r["folding_percent"], "seconds": r["seconds"], "ants_time_ratio": ratio})
-        print(f"{subject}: " + ", ".join(f"{m} Dice {r['mean_dice']:.3f} in {r['seconds']:.1f} s"
-                                         for m, r in found.items()), flush=True)
+    stages: dict[str, list[dict]] = {method: [] for method in presets}
+    with tempfile.TemporaryDirectory() as work:
+        for subject, (image, labels) in pairs.items():
+            found = {method: run_tool(fixed_path, fixed_labels_path, image, labels, args.model, options,
+                                      args.threads, Path(work)) for method, options in presets.items()}
+            if ants_version:
+                found[ANTS] = run_ants(fixed_path, fixed_labels_path, image, labels, args.threads)
+            rows.append({"subject": subject, "method": BEFORE, "mean_dice": found[network]["before"],
+                         "folding_percent": "", "seconds": "", "peak_mb": "", "ants_time_ratio": ""})
+            for method, r in found.items():
+                ratio = found[ANTS]["seconds"] / r["seconds"] if ants_version else ""
+                rows.append({"subject": subject, "method": method, "mean_dice": r["mean_dice"],
+                             "folding_percent": r["folding_percent"], "seconds": r["seconds"],
+                             "peak_mb": r["peak_mb"], "ants_time_ratio": ratio})
+                if method in stages:
+                    stages[method].append(r["stages"])
+            print(f"{subject}: " + ", ".join(f"{m} Dice {r['mean_dice']:.3f} in {r['seconds']:.1f} s"
+                                             for m, r in found.items()), flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
@@ -230,18 +278,25 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     boxplot(rows, methods, out / "boxplot.png")
+    import torch
+
     text = [
         f"# LPBA40: {plural(len(subjects), 'subject')} -> {ATLAS}",
         "",
         f"Subjects {', '.join(subjects)}; mean Dice over the {len(ids)} labels of the atlas; "
-        "% det J <= 0 inside the atlas's labelled brain; "
-        "seconds of the whole registration including the label warp, this tool's affine step and model loading.",
+        "% det J <= 0 inside the atlas's labelled brain; seconds and peak resident memory of each method as "
+        "its own process (start-up, imports, reading, registration, label warp and, for this tool, all its "
+        "outputs written).",
         f"Model `{args.model}`; {args.threads} threads for torch, ITK and ANTs; CPU; "
         f"ANTs: {f'antspyx {ants_version}, SyN defaults' if ants_version else 'not run'}.",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
         f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
         *summary_table(rows, methods),
+        "",
+        "## Seconds per stage of register() (report.json, mean)",
+        "",
+        *stage_table(stages),
         "",
         "## Per subject",
         "",
