@@ -38,9 +38,13 @@ from .refine import Refiner, mind_ssc
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
 COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
-# --accurate: measured on a phantom pair (Testing/test_apply.py's), window 5 beat 9 and a 2x finer velocity
-# gave no gain at 3x the time; see benchmarks/refine.py for the LPBA40 measurement
-ACCURATE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0, "lr": 0.1, "tolerance": 1e-4}
+# --accurate: chosen on the LPBA40 validation pairs S35..S40 -> S01 (network 0.720 mean Dice): Adam at lr 0.02
+# with a light regulariser (0.1) gains 2 points in 30 steps (0.741); lr 0.1 or smoothness 1 gained
+# little or lost, 50-100 steps no more than 30, lr 0.03 folded more (see README, "Accurate mode")
+ACCURATE = {"steps": 30, "velocity_factor": 1, "window": 5, "smooth_weight": 0.1, "lr": 0.02, "tolerance": 1e-4}
+# without a model, and when the safety net finds the network's result unusable, the optimisation has to
+# travel further: larger steps, more of them, a stronger regulariser (the earlier accurate preset)
+RESCUE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0, "lr": 0.1, "tolerance": 1e-4}
 TAPER_MM = 20.0  # outside the working grid the deformation fades to zero over this distance
 
 
@@ -90,9 +94,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
              progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
-    Refinement: ``accurate`` (the ACCURATE preset) or ``refine_steps`` steps with the same settings,
-    ``similarity`` 'auto', 'ncc' or 'mind'; with ``auto_refine`` the network's result is checked and
-    refined when it does not improve on the affine alignment (a warning says so). Masks (binary, on
+    Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model) or ``refine_steps`` steps with
+    the same settings, ``similarity`` 'auto', 'ncc' or 'mind'; with ``auto_refine`` the network's result is
+    checked and refined with RESCUE when it does not improve on the affine alignment (a warning says so). Masks (binary, on
     their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
@@ -151,16 +155,19 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
                                                         .astype(np.float32))[None, None]
              for mask, t in ((fixed_mask, None), (moving_mask, transform))]
 
-    settings = {**ACCURATE, "smooth_weight": ACCURATE["smooth_weight"] * smoothness, "similarity": similarity}
+    def preset(values: dict) -> dict:
+        return {**values, "smooth_weight": values["smooth_weight"] * smoothness, "similarity": similarity}
+
+    settings = preset(ACCURATE if net is not None else RESCUE)
 
     def refiner() -> Refiner | None:
         if accurate:
             return Refiner(**settings)
         if refine_steps <= 0:
-            return None  # experts' --refine N: exactly N steps (no early stop) with the accurate settings
+            return None  # experts' --refine N: exactly N steps (no early stop) with the preset's settings
         return Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
 
-    fallback = Refiner(**settings) if auto_refine else None
+    fallback = Refiner(**preset(RESCUE)) if auto_refine else None
     try:
         flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), fallback,
                                                           torch_device, clock, inverse, masks)
