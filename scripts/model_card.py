@@ -46,7 +46,7 @@ LIMITS_SYNTH = """\
   contrasts and heads are synthetic. Real T2/FLAIR scans, children, large lesions (use a mask) and
   strong atrophy were not in training: check the result, and use `--accurate` when in doubt.
 - The network sees images at 2 mm and predicts a velocity at 4 mm.
-- Figures below are on LPBA40 validation subjects with remapped contrasts and synthetic heads, not on
+- The figures above are on LPBA40 validation subjects with remapped contrasts and synthetic heads, not on
   real other-contrast scans or an independent test set."""
 
 
