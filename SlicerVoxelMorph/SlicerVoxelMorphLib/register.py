@@ -96,8 +96,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
     Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model) or ``refine_steps`` steps with
     the same settings, ``similarity`` 'auto', 'ncc' or 'mind'; with ``auto_refine`` the network's result is
-    checked and refined with RESCUE when it does not improve on the affine alignment (a warning says so). Masks (binary, on
-    their image's grid) hide what is outside them from the affine metric, the network and the
+    checked and refined with RESCUE when it does not improve on the affine alignment (a warning says so).
+    Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
     Landmarks ``fixed_points`` / ``moving_points`` (N x 3, LPS mm, matched by row) give the target
