@@ -606,24 +606,28 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             value, colors.GetColorName(value) if colors is not None and value < colors.GetNumberOfColors() else None,
             table) for value in values}
 
+    def labelArray(self, labelsNode, volumeImage) -> np.ndarray:
+        """A label map volume's values (K, J, I) on the grid of ``volumeImage`` (nearest neighbour)."""
+        from SlicerVoxelMorphLib import images
+
+        labels = images.image_from_array(slicer.util.arrayFromVolume(labelsNode), self.worldIJKToRAS(labelsNode))
+        return images.array_kji(images.labels_on_grid(labels, volumeImage))
+
     def structureMasks(self, labelsNode, volumeNode, volumeImage, values: list[int]) -> list[np.ndarray]:
         """One boolean (K, J, I) array per value on the volume's grid: a segment (value = index + 1),
         exported on its own so that overlapping segments keep their overlap, or a label map value."""
-        from SlicerVoxelMorphLib import images
-
         if labelsNode.IsA("vtkMRMLSegmentationNode"):
             segmentation = labelsNode.GetSegmentation()
             # exports through ExportSegmentsToLabelmapNode onto the volume's grid (and parent transform)
             return [slicer.util.arrayFromSegmentBinaryLabelmap(labelsNode, segmentation.GetNthSegmentID(value - 1),
                                                                volumeNode) > 0 for value in values]
-        labels = images.labels_on_grid(images.image_from_array(slicer.util.arrayFromVolume(labelsNode),
-                                                               self.worldIJKToRAS(labelsNode)), volumeImage)
-        array = images.array_kji(labels)
+        array = self.labelArray(labelsNode, volumeImage)
         return [array == value for value in values]
 
     def labelImages(self, fixedLabels, fixedVolume, fixed, movingLabels, movingVolume, moving) -> dict:
         """Engine label arguments: both label maps renumbered 1..n over the structures they share; with
-        overlapping segments instead "overlapping": (fixed masks, moving mask images, names)."""
+        overlapping segments instead "overlapping": (fixed masks, moving mask images, names). Label maps
+        become masks only in that case (one mask per structure costs a volume of memory each)."""
         from SlicerVoxelMorphLib import images, scene
 
         byValue = fixedLabels.IsA("vtkMRMLLabelMapVolumeNode") and movingLabels.IsA("vtkMRMLLabelMapVolumeNode")
@@ -632,15 +636,22 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The fixed and moving labels share no structure (segments are matched by name, "
                                "label map values by value)"))
         names = [name for _f, _m, name in pairs]
-        fixedMasks = self.structureMasks(fixedLabels, fixedVolume, fixed, [f for f, _m, _n in pairs])
-        movingMasks = self.structureMasks(movingLabels, movingVolume, moving, [m for _f, m, _n in pairs])
+        sides = [(fixedLabels, fixedVolume, fixed, [f for f, _m, _n in pairs]),
+                 (movingLabels, movingVolume, moving, [m for _f, m, _n in pairs])]
+        segmentMasks = [self.structureMasks(*side) if side[0].IsA("vtkMRMLSegmentationNode") else None
+                        for side in sides]
         movingMatrix = self.worldIJKToRAS(movingVolume)
-        if scene.masks_overlap(fixedMasks) or scene.masks_overlap(movingMasks):
+        if any(masks is not None and scene.masks_overlap(masks) for masks in segmentMasks):
+            fixedMasks, movingMasks = (masks if masks is not None else self.structureMasks(*side)
+                                       for masks, side in zip(segmentMasks, sides, strict=True))
             return {"overlapping": (fixedMasks, [images.image_from_array(mask.astype(np.uint8), movingMatrix)
                                                  for mask in movingMasks], names)}
+        arrays = [scene.merge_masks(masks) if masks is not None else
+                  scene.relabel(self.labelArray(node, image), {value: k + 1 for k, value in enumerate(values)})
+                  for masks, (node, _volume, image, values) in zip(segmentMasks, sides, strict=True)]
         return {
-            "fixed_labels": images.image_from_array(scene.merge_masks(fixedMasks), self.worldIJKToRAS(fixedVolume)),
-            "moving_labels": images.image_from_array(scene.merge_masks(movingMasks), movingMatrix),
+            "fixed_labels": images.image_from_array(arrays[0], self.worldIJKToRAS(fixedVolume)),
+            "moving_labels": images.image_from_array(arrays[1], movingMatrix),
             "label_names": {k + 1: name for k, name in enumerate(names)},
         }
 
@@ -655,11 +666,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             masks = self.structureMasks(maskNode, volumeNode, None, list(range(1, count + 1)))
             inside = np.logical_or.reduce(masks)
         else:
-            volumeImage = images.image_from_array(np.zeros(slicer.util.arrayFromVolume(volumeNode).shape, np.uint8),
-                                                  self.worldIJKToRAS(volumeNode))
-            labels = images.labels_on_grid(images.image_from_array(slicer.util.arrayFromVolume(maskNode),
-                                                                   self.worldIJKToRAS(maskNode)), volumeImage)
-            inside = images.array_kji(labels) != 0
+            inside = self.labelArray(maskNode, self.imageFromVolume(volumeNode)) != 0
         return images.image_from_array(inside.astype(np.uint8), self.worldIJKToRAS(volumeNode))
 
     @staticmethod

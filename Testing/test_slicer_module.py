@@ -295,6 +295,8 @@ def test_labels_are_paired_by_value_or_by_name():
     assert scene.pair_labels(fixed, moving, by_value=False) == [(1, 2, "Left Caudate"), (2, 1, "putamen")]
     assert scene.pair_labels(fixed, moving, by_value=True) == [(1, 1, "Left Caudate"), (2, 2, "putamen")]
     assert scene.pair_labels({0: "background"}, {0: "background"}, by_value=False) == []
+    array = np.array([[0, 1, 2], [5, 2, 9]])
+    np.testing.assert_array_equal(scene.relabel(array, {1: 2, 2: 1}), [[0, 2, 1], [0, 1, 0]])
     masks = [np.array([[0, 1, 1], [0, 0, 0]], bool), np.array([[0, 0, 0], [1, 0, 0]], bool)]
     np.testing.assert_array_equal(scene.merge_masks(masks), [[0, 1, 1], [2, 0, 0]])
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from . import images
+from . import images, metrics
 
 
 @dataclass
@@ -67,6 +67,14 @@ def pair_labels(fixed: dict[int, str], moving: dict[int, str], by_value: bool) -
             used.add(other)
             pairs.append((value, other, fixed[value]))
     return pairs
+
+
+def relabel(array: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """int32 copy of a label array with each value v replaced by mapping[v]; values not in mapping become 0
+    (one table lookup: no mask per label)."""
+    ids = sorted(mapping)
+    table = np.array([0, *(mapping[i] for i in ids)], np.int32)
+    return table[metrics.compact_labels(array, ids)].reshape(np.shape(array))
 
 
 def merge_masks(masks: list[np.ndarray]) -> np.ndarray:
