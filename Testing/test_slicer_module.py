@@ -392,3 +392,28 @@ def test_dice_of_overlapping_segments_is_computed_from_separate_masks():
     assert [r["dice_before"] for r in report["labels"]] == [0.75, 0.5]
     assert [r["dice_after"] for r in report["labels"]] == [1.0, 1.0]
     assert report["labels"][1]["fixed_volume_mm3"] == 64.0 and report["mean_dice_after"] == 1.0
+
+
+def test_inverse_grid_transform_on_the_moving_grid_undoes_the_forward_one_through_vtk():
+    pytest.importorskip("vtk")
+    from conftest import phantom, to_image
+    from SlicerVoxelMorphLib.register import register
+
+    image, _ = phantom((40, 44, 36), seed=2)
+    fixed = to_image(image, spacing=(1.0, 1.1, 0.9), origin=(10.0, -5.0, 3.0))
+    shifted = to_image(np.roll(image, (2, -1, 2), axis=(0, 1, 2)), spacing=(1.0, 1.1, 0.9), origin=(8.0, -4.0, 5.0))
+    result = register(fixed, shifted, model=None, refine_steps=20, inverse=True, affine=False, auto_refine=False)
+    forward = scene.grid_transform_arrays(result.displacement)
+    inverse = scene.grid_transform_arrays(result.inverse_displacement)
+    assert inverse.dimensions == shifted.GetSize()  # Slicer's inverse transform node lives on the moving grid
+    np.testing.assert_allclose(inverse.origin_ras, images.ijk_to_ras(shifted)[:3, 3])
+
+    inside = np.argwhere(sitk.GetArrayFromImage(shifted) > 0.5 * image.max())[::37]  # moving points (k, j, i)
+    ijk_to_ras = images.ijk_to_ras(shifted)
+    points = inside[:, ::-1] @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+    to_fixed = vtk_oriented_grid_transform(inverse, inverse.vectors_ras)
+    to_moving = vtk_oriented_grid_transform(forward, forward.vectors_ras)
+    on_fixed = np.array([to_fixed.TransformPoint(*p) for p in points])
+    back = np.array([to_moving.TransformPoint(*p) for p in on_fixed])
+    assert np.linalg.norm(on_fixed - points, axis=1).mean() > 1.0  # the inverse really moves the points
+    assert np.linalg.norm(back - points, axis=1).mean() < 0.3
