@@ -140,7 +140,7 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
     method.SetMetricSamplingStrategy(method.NONE)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
-                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+                                                    relaxationFactor=0.5)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([1])
     method.SetSmoothingSigmasPerLevel([0.0])
