@@ -779,11 +779,12 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             out.CreateDefaultDisplayNodes()
             segmentation = node.GetSegmentation()
             movingMatrix = self.worldIJKToRAS(movingVolume)
+            transform = images.field_transform(displacement)  # built once for all segments
             for index in range(segmentation.GetNumberOfSegments()):
                 segmentId = segmentation.GetNthSegmentID(index)
                 segment = segmentation.GetSegment(segmentId)
                 mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, movingVolume)
-                moved = scene.warp_mask(images.image_from_array(mask.astype(np.uint8), movingMatrix), displacement,
+                moved = scene.warp_mask(images.image_from_array(mask.astype(np.uint8), movingMatrix), transform,
                                         fixed)
                 newId = out.GetSegmentation().AddEmptySegment("", segment.GetName(), segment.GetColor())
                 slicer.util.updateSegmentBinaryLabelmapFromArray(moved.astype(np.uint8), out, newId, fixedVolume)

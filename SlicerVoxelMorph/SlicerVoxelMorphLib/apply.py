@@ -49,7 +49,7 @@ def warp_image(image: sitk.Image, field: sitk.Image, reference: sitk.Image, inte
     value in between two labels); bspline is refused for labels."""
     if interpolation not in INTERPOLATORS:
         raise InputError(f"interpolation must be one of {', '.join(INTERPOLATORS)}, not {interpolation!r}")
-    transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    transform = images.field_transform(field)
     if labels:
         if interpolation == "bspline":
             raise InputError("label maps are warped with nearest or (per-label) linear interpolation, not bspline")

@@ -159,6 +159,11 @@ def vectors_to_ras(vectors_lps: np.ndarray) -> np.ndarray:
     return vectors_lps * LPS_TO_RAS.diagonal()[:3]
 
 
+def field_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """SimpleITK transform of a displacement field image (x -> x + u(x), linear interpolation)."""
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
 def displacement_image(vectors_kji: np.ndarray, reference: sitk.Image, dtype: type = np.float64) -> sitk.Image:
     """Vector image (LPS mm) with the geometry of ``reference`` from a (K, J, I, 3) array."""
     field = sitk.GetImageFromArray(vectors_kji.astype(dtype, copy=False), isVector=True)

@@ -183,7 +183,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     inverse_displacement = compose_inverse(inverse_flow, coarse, transform, moving) if inverse else None
 
     clock("warp")
-    field_transform = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    field_transform = images.field_transform(displacement)
     fill = background_value(sitk.GetArrayViewFromImage(moving))  # outside the moving image: its background
     warped = sitk.Resample(moving, fixed, field_transform, sitk.sitkLinear, fill, sitk.sitkFloat32)
     warped_labels = None

@@ -138,11 +138,10 @@ def masks_overlap(masks: list[np.ndarray]) -> bool:
     return bool((np.sum([np.asarray(m, bool) for m in masks], axis=0, dtype=np.int32) > 1).any())
 
 
-def warp_mask(mask: sitk.Image, displacement: sitk.Image | None, reference: sitk.Image) -> np.ndarray:
-    """A binary mask (K, J, I) on ``reference``'s grid through the field (None: as it lies): linear
-    interpolation of the 0/1 mask, inside where >= 0.5 (smooth boundaries, no nearest-neighbour staircase)."""
-    transform = sitk.Transform() if displacement is None else \
-        sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+def warp_mask(mask: sitk.Image, transform: sitk.Transform, reference: sitk.Image) -> np.ndarray:
+    """A binary mask (K, J, I) on ``reference``'s grid through ``transform`` (``images.field_transform`` of a
+    result, or the identity): linear interpolation of the 0/1 mask, inside where >= 0.5 (smooth
+    boundaries, no nearest-neighbour staircase)."""
     moved = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 0.0)
     return sitk.GetArrayFromImage(moved) >= 0.5
 
@@ -152,13 +151,12 @@ def mask_dice_report(fixed_masks: list[np.ndarray], moving_masks: list[sitk.Imag
     """Dice rows as ``register`` reports them, one per structure from separate masks (segments may
     overlap): fixed masks (K, J, I) on the fixed grid, moving masks as images on the moving grid."""
     voxel_mm3 = float(np.prod(fixed.GetSpacing()))
+    transforms = (sitk.Transform(), images.field_transform(displacement))  # before (identity) and after
     rows = []
     for name, target, source in zip(names, fixed_masks, moving_masks, strict=True):
-        target = np.asarray(target, bool)
-        dice = []
-        for moved in (warp_mask(source, None, fixed), warp_mask(source, displacement, fixed)):
-            total = int(target.sum()) + int(moved.sum())
-            dice.append(round(2 * int((target & moved).sum()) / total, 4) if total else float("nan"))
+        target = np.asarray(target, np.uint8)
+        dice = [round(metrics.dice(target, warp_mask(source, t, fixed).astype(np.uint8), [1])[1], 4)
+                for t in transforms]
         rows.append({"label": len(rows) + 1, "name": name, "dice_before": dice[0], "dice_after": dice[1],
                      "fixed_volume_mm3": round(float(target.sum()) * voxel_mm3, 1)})
     return {"labels": rows,
