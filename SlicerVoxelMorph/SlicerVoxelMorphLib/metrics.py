@@ -69,27 +69,44 @@ def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarr
         warnings.simplefilter("ignore", UserWarning)
         u = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     components = u.permute(3, 0, 1, 2).contiguous()  # u_a as contiguous (K, J, I) volumes
-    jac = []
+    del u
+    jac = [[None] * 3 for _ in range(3)]
     for a in range(3):
-        by_index = [_difference(components[a], dim) for dim in (2, 1, 0)]  # d u_a / d i, d j, d k
-        # J[a][b] = delta_ab + sum_c du_a/dindex_c * inverse[c, b] (zero terms skipped: axis-aligned grids)
-        jac.append([sum((by_index[c] * float(inverse[c, b]) for c in range(3) if inverse[c, b] != 0),
-                        torch.full_like(by_index[0], float(a == b))) for b in range(3)])
-    det = jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
-    det -= jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
-    det += jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0])
+        for c, dim in enumerate((2, 1, 0)):  # d u_a / d index c (i, j, k), then by the chain rule into b
+            targets = [b for b in range(3) if inverse[c, b] != 0]  # one for axis-aligned grids
+            if not targets:
+                continue
+            derivative = _difference(components[a], dim)
+            for n, b in enumerate(targets):
+                term = derivative if n == len(targets) - 1 else derivative.clone()
+                term.mul_(float(inverse[c, b]))
+                jac[a][b] = term if jac[a][b] is None else jac[a][b].add_(term)
+        for b in range(3):
+            jac[a][b] = torch.zeros_like(components[0]) if jac[a][b] is None else jac[a][b]
+        jac[a][a].add_(1.0)
+    del components
+    (j00, j01, j02), (j10, j11, j12), (j20, j21, j22) = jac
+    minor = torch.mul(j11, j22).addcmul_(j12, j21, value=-1)
+    det = minor.mul_(j00)
+    minor = torch.mul(j10, j22).addcmul_(j12, j20, value=-1)
+    det.addcmul_(j01, minor, value=-1)
+    torch.mul(j10, j21, out=minor).addcmul_(j11, j20, value=-1)
+    det.addcmul_(j02, minor)
     return det.numpy()
 
 
 def _difference(volume: "torch.Tensor", dim: int) -> "torch.Tensor":
-    """numpy.gradient of a torch volume along ``dim`` (central inside, one-sided at the ends), in place."""
+    """numpy.gradient of a torch volume along ``dim`` (central inside, one-sided at the ends)."""
+    import torch
+
     out = volume.new_empty(volume.shape)
     n = volume.shape[dim]
     if n < 2:
         return out.zero_()
-    out.narrow(dim, 1, n - 2).copy_(volume.narrow(dim, 2, n - 2)).sub_(volume.narrow(dim, 0, n - 2)).mul_(0.5)
-    out.narrow(dim, 0, 1).copy_(volume.narrow(dim, 1, 1)).sub_(volume.narrow(dim, 0, 1))
-    out.narrow(dim, n - 1, 1).copy_(volume.narrow(dim, n - 1, 1)).sub_(volume.narrow(dim, n - 2, 1))
+    torch.sub(volume.narrow(dim, 2, n - 2), volume.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    out.narrow(dim, 1, n - 2).mul_(0.5)
+    torch.sub(volume.narrow(dim, 1, 1), volume.narrow(dim, 0, 1), out=out.narrow(dim, 0, 1))
+    torch.sub(volume.narrow(dim, n - 1, 1), volume.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
     return out
 
 

@@ -1,7 +1,7 @@
 """report.png: orthogonal slices of the inputs and results, the deformation grid, Jacobian and Dice.
 
-The slices are coloured in numpy and drawn as one mosaic image, the grid as one line collection and
-the Dice values as one bar chart: a handful of artists, so the figure renders in a fraction of a second.
+Drawn with numpy and Pillow at the fixed image's voxel size (one pixel a voxel): no plotting library
+to import, so the picture costs a fraction of a second next to the registration.
 """
 
 from pathlib import Path
@@ -15,6 +15,12 @@ from .preprocess import intensity_window, scale_to_window
 
 GRID_EVERY = 6  # voxels between drawn grid lines
 GAP = 4  # pixels between mosaic cells
+TITLE_PX, FONT_PX, SMALL_PX = 42, 14, 10
+CHART_PX = 230  # height of the Dice chart (bars and names)
+BEFORE, AFTER, GRID = (150, 150, 150), (31, 119, 180), (255, 255, 0)
+# ColorBrewer RdBu reversed (blue for negative, red for positive), as matplotlib's "RdBu_r"
+DIVERGING = np.array([[5, 48, 97], [33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130],
+                      [178, 24, 43], [103, 0, 31]], np.float32)
 
 
 def _slices(array: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -36,14 +42,21 @@ def _grid_segments(u_index: np.ndarray, axes: tuple[int, int], flip: bool) -> li
         [np.stack([x[:, n], y[:, n]], -1) for n in range(0, cols, GRID_EVERY)]
 
 
+def colour(values: np.ndarray, diverging: bool) -> np.ndarray:
+    """RGB uint8 (..., 3) of values in [0, 1]: grey levels, or blue-white-red for ``diverging``."""
+    values = np.clip(values, 0, 1)
+    if not diverging:
+        return np.repeat((values * 255 + 0.5).astype(np.uint8)[..., None], 3, -1)
+    position = values * (len(DIVERGING) - 1)
+    low = np.minimum(position.astype(int), len(DIVERGING) - 2)
+    weight = (position - low)[..., None]
+    return (DIVERGING[low] * (1 - weight) + DIVERGING[low + 1] * weight + 0.5).astype(np.uint8)
+
+
 def write_report_png(path: str | Path, fixed: sitk.Image, moving: sitk.Image, warped: sitk.Image,
                      displacement: sitk.Image, jacobian: sitk.Image, report: dict) -> None:
     """Write the visual report (atomically); ``moving`` is shown resampled onto the fixed grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import LineCollection
+    from PIL import Image, ImageDraw, ImageFont
 
     moving_on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     fixed_array = sitk.GetArrayViewFromImage(fixed)
@@ -62,50 +75,67 @@ def write_report_png(path: str | Path, fixed: sitk.Image, moving: sitk.Image, wa
     f, m, w = slices(fixed, True), slices(moving_on_fixed, True), slices(warped, True)
     to_index = np.linalg.inv(images.index_to_physical(fixed)[:3, :3]).T
     u = [s @ to_index for s in slices(displacement)]
-    columns = [("fixed", f, "gray", (0, 1)), ("moving", m, "gray", (0, 1)), ("warped", w, "gray", (0, 1)),
-               ("fixed - warped", [a - b for a, b in zip(f, w, strict=True)], "RdBu_r", (-0.5, 0.5)),
-               ("grid on warped", w, "gray", (0, 1)), ("det J", slices(jacobian), "RdBu_r", (0, 2))]
+    columns = [("fixed", f, False, (0, 1)), ("moving", m, False, (0, 1)), ("warped", w, False, (0, 1)),
+               ("fixed - warped", [a - b for a, b in zip(f, w, strict=True)], True, (-0.5, 0.5)),
+               ("grid on warped", w, False, (0, 1)), ("det J", slices(jacobian), True, (0, 2))]
     heights = [s.shape[0] for s in f]
     width = max(s.shape[1] for s in f)
-    mosaic = np.ones((sum(heights) + GAP * 2, len(columns) * (width + GAP) - GAP, 3), np.float32)
+    has_dice = "labels" in report
+    size = (len(columns) * (width + GAP) - GAP, TITLE_PX + sum(heights) + GAP * 2 + (CHART_PX if has_dice else 0))
+    mosaic = np.full((size[1], size[0], 3), 255, np.uint8)
     grid_axes = {0: (1, 0), 1: (2, 0), 2: (2, 1)}  # in-plane (row, col) axes as (i, j, k) components
     segments = []
-    top = 0
+    top = TITLE_PX
     for row in range(3):
         flip = row > 0  # for an LPS-aligned fixed image: anterior up in the axial row, superior up in the others
-        for col, (title, arrays, cmap, (lo, hi)) in enumerate(columns):
-            cell = np.clip((arrays[row] - lo) / (hi - lo), 0, 1)
+        for col, (title, arrays, diverging, (lo, hi)) in enumerate(columns):
+            cell = (arrays[row] - lo) / (hi - lo)
             left = col * (width + GAP)
-            rgb = plt.get_cmap(cmap)(cell[::-1] if flip else cell)[..., :3]
+            rgb = colour(cell[::-1] if flip else cell, diverging)
             mosaic[top:top + heights[row], left:left + rgb.shape[1]] = rgb
             if title == "grid on warped":
                 segments += [s + np.array([left, top]) for s in _grid_segments(u[row], grid_axes[row], flip)]
         top += heights[row] + GAP
 
-    has_dice = "labels" in report
-    fig = plt.figure(figsize=(16, 9.5 if has_dice else 8))
-    ax = fig.add_axes((0.005, 0.3, 0.99, 0.62) if has_dice else (0.005, 0.01, 0.99, 0.9))
-    ax.imshow(mosaic, interpolation="nearest")
-    ax.add_collection(LineCollection(segments, colors="yellow", linewidths=0.5))
-    ax.set_xlim(-0.5, mosaic.shape[1] - 0.5)
-    ax.set_ylim(mosaic.shape[0] - 0.5, -0.5)
+    picture = Image.fromarray(mosaic)
+    draw = ImageDraw.Draw(picture)
+    font, small = ImageFont.load_default(FONT_PX), ImageFont.load_default(SMALL_PX)
+    for line in segments:
+        draw.line([tuple(p) for p in line.round(1).tolist()], fill=GRID, width=1)
+    draw.text((4, 2), f"model {report.get('model')}, refine {report.get('refine_steps')}, "
+                      f"folding {report.get('folding_percent', float('nan')):.3f} %", fill=0, font=font)
     for col, (title, *_) in enumerate(columns):
-        ax.text(col * (width + GAP) + width / 2, -2, title, ha="center", va="bottom", fontsize=12)
-    ax.set_axis_off()
+        draw.text((col * (width + GAP) + width / 2, TITLE_PX - 3), title, fill=0, font=font, anchor="md")
     if has_dice:
-        bars = fig.add_axes((0.04, 0.07, 0.95, 0.18))
-        names = [r["name"] for r in report["labels"]]
-        x = np.arange(len(names))
-        bars.bar(x - 0.2, [r["dice_before"] for r in report["labels"]], 0.4, label="before", color="0.6")
-        bars.bar(x + 0.2, [r["dice_after"] for r in report["labels"]], 0.4, label="after", color="tab:blue")
-        bars.set_xticks(x, names, rotation=90, fontsize=5)
-        bars.set_xlim(-0.6, len(names) - 0.4)
-        bars.set_ylim(0, 1)
-        bars.set_ylabel("Dice")
-        bars.legend(loc="lower right")
-        bars.set_title(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}")
-    fig.suptitle(f"model {report.get('model')}, refine {report.get('refine_steps')}, "
-                 f"folding {report.get('folding_percent', float('nan')):.3f} %")
+        _dice_chart(picture, draw, report, top, font, small)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+        picture.save(tmp, format="PNG", compress_level=1)
+
+
+def _dice_chart(picture, draw, report: dict, top: int, font, small) -> None:
+    """Bars of Dice before (grey) and after (blue) per structure, names written upwards below them."""
+    from PIL import Image, ImageDraw
+
+    rows = report["labels"]
+    left, right = 40, picture.width - 10
+    bottom = top + CHART_PX - 110  # 0 on the Dice axis; the names hang below it
+    height = bottom - (top + 24)
+    draw.text((left, top), f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}   "
+                           "(grey: before, blue: after)", fill=0, font=font)
+    for value in (0.0, 0.5, 1.0):
+        y = bottom - value * height
+        draw.line([(left - 4, y), (right, y)], fill=(210, 210, 210))
+        draw.text((left - 6, y), f"{value:.1f}", fill=0, font=small, anchor="rm")
+    step = (right - left) / max(len(rows), 1)
+    for n, row in enumerate(rows):
+        x = left + n * step
+        for offset, key, fill in ((0.1, "dice_before", BEFORE), (0.5, "dice_after", AFTER)):
+            value = row[key]
+            if value == value:  # NaN: no bar
+                draw.rectangle([x + offset * step, bottom - value * height, x + (offset + 0.4) * step, bottom],
+                               fill=fill)
+        name = Image.new("L", (104, SMALL_PX + 4), 255)
+        ImageDraw.Draw(name).text((102, 1), str(row["name"])[:18], fill=0, font=small, anchor="ra")
+        upright = name.rotate(90, expand=True)
+        picture.paste((0, 0, 0), (round(x + step / 2 - upright.width / 2), bottom + 4),
+                      Image.eval(upright, lambda v: 255 - v))
