@@ -272,3 +272,17 @@ def test_a_moving_mask_hiding_a_lesion_keeps_the_field_of_the_lesion_free_pair()
     hidden = np.linalg.norm(field(with_lesion, hide) - field(moving, hide), axis=-1)
     assert hidden[around].mean() < 0.2 * pulled[around].mean()  # ... with it, the lesion hardly matters
     assert hidden[_foreground(fixed)].mean() < 0.05
+
+
+def test_a_given_affine_is_used_instead_of_the_affine_stage():
+    array, _ = phantom()
+    fixed = to_image(array, spacing=(1.0, 1.1, 0.9), origin=(10.0, -5.0, 3.0))
+    given = sitk.AffineTransform(3)
+    given.SetMatrix([1.05, 0.02, 0.0, -0.03, 0.98, 0.0, 0.0, 0.01, 1.0])
+    given.SetTranslation((1.5, -2.0, 0.7))
+    given.SetCenter((30.0, 20.0, 18.0))
+    result = register(fixed, fixed, model="none", affine_transform=given, auto_refine=False)
+    points = images.physical_points(fixed)
+    expected = np.array([given.TransformPoint(p) for p in points.reshape(-1, 3)]).reshape(points.shape) - points
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.displacement), expected, atol=1e-4)
+    assert result.report["affine_matrix_lps"] == images.affine_matrix(given).round(6).tolist()

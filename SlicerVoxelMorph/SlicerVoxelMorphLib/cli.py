@@ -104,31 +104,34 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def run_register(args: argparse.Namespace) -> None:
+    import importlib
     import json
+    import time
     import warnings
 
     import SimpleITK as sitk
 
     from .files import Background, staged_output
-    from .images import read_image, write_image
-    from .register import register
+    from .images import check_image, check_mask, read_image, write_image
+    from .preprocess import affine_align, check_scale
     from .report import write_report_png
 
+    # torch and the network code load in a thread (~2 s) while the inputs are read and affinely aligned
+    loading = Background(importlib.import_module, f"{__package__}.register")
     out = Path(args.out)
     if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     names = read_label_names(args.label_names)
     fixed = read_image(args.fixed, "fixed image")
     moving = read_image(args.moving, "moving image")
     fixed_labels = read_image(args.fixed_labels, "fixed labels") if args.fixed_labels else None
     moving_labels = read_image(args.moving_labels, "moving labels") if args.moving_labels else None
-    from .apply import read_points
+    fixed_points = moving_points = None
+    if args.fixed_points or args.moving_points:
+        from .apply import read_points
 
-    fixed_points = read_points(args.fixed_points, args.ras) if args.fixed_points else None
-    moving_points = read_points(args.moving_points, args.ras) if args.moving_points else None
+        fixed_points = read_points(args.fixed_points, args.ras) if args.fixed_points else None
+        moving_points = read_points(args.moving_points, args.ras) if args.moving_points else None
     fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
     moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
     check_output(out, args.overwrite)
@@ -144,14 +147,31 @@ def run_register(args: argparse.Namespace) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _one_line_warning
+            transform, affine_seconds = None, 0.0
+            if not args.no_affine:
+                for image, what in ((fixed, "fixed image"), (moving, "moving image")):
+                    check_scale(check_image(image, what), what)
+                start = time.perf_counter()
+                transform = affine_align(fixed, moving, progress,
+                                         fixed_mask=check_mask(fixed_mask, fixed, "fixed mask") if fixed_mask else None,
+                                         moving_mask=check_mask(moving_mask, moving, "moving mask")
+                                         if moving_mask else None)
+                affine_seconds = round(time.perf_counter() - start, 3)
+            register = loading.join().register
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
             result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                               label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
                               accurate=args.accurate, similarity=args.similarity, auto_refine=not args.no_auto_refine,
-                              affine=not args.no_affine, inverse=args.inverse, fixed_mask=fixed_mask,
-                              moving_mask=moving_mask, smoothness=args.smoothness, fixed_points=fixed_points,
-                              moving_points=moving_points, progress=progress)
+                              affine=not args.no_affine, affine_transform=transform, inverse=args.inverse,
+                              fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=args.smoothness,
+                              fixed_points=fixed_points, moving_points=moving_points, progress=progress)
     finally:
         bar.close()
+    seconds = {**result.report["seconds"], "affine": affine_seconds}
+    result.report["seconds"] = {**seconds, "total": round(sum(v for k, v in seconds.items() if k != "total"), 3)}
     images_level, fields_level = COMPRESSION[args.compression]
     report = {"fixed": str(args.fixed), "moving": str(args.moving), **result.report}
     with staged_output(out) as stage:

@@ -50,21 +50,23 @@ def staged_output(out: Path) -> Iterator[Path]:
 
 
 class Background:
-    """Run ``function(*args)`` in a thread; ``join`` waits and re-raises its exception, if any."""
+    """Run ``function(*args)`` in a thread; ``join`` waits, re-raises its exception, if any, and returns its result."""
 
     def __init__(self, function: Callable, *args) -> None:
         self.error: BaseException | None = None
+        self.result = None
 
         def run() -> None:
             try:
-                function(*args)
+                self.result = function(*args)
             except BaseException as exc:  # handed to the caller in join
                 self.error = exc
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
-    def join(self) -> None:
+    def join(self):
         self.thread.join()
         if self.error is not None:
             raise self.error
+        return self.result

@@ -88,7 +88,8 @@ def _label_names(ids: list[int], names: dict[int, str] | None) -> dict[int, str]
 def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image | None = None,
              moving_labels: sitk.Image | None = None, label_names: dict[int, str] | None = None,
              model: str | None = "bundled", device: str = "auto", refine_steps: int = 0, accurate: bool = False,
-             similarity: str = "auto", auto_refine: bool = True, affine: bool = True, inverse: bool = False,
+             similarity: str = "auto", auto_refine: bool = True, affine: bool = True,
+             affine_transform: sitk.AffineTransform | None = None, inverse: bool = False,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None, smoothness: float = 1.0,
              fixed_points: np.ndarray | None = None, moving_points: np.ndarray | None = None,
              progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
@@ -102,9 +103,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
     Landmarks ``fixed_points`` / ``moving_points`` (N x 3, LPS mm, matched by row) give the target
     registration error before (identity) and after, per point and mean, in the report.
-    The result lives on the fixed image's grid; with ``inverse`` also the inverse field on the moving
-    image's grid (velocity integrated backwards, inverse affine). ``progress(stage, fraction)`` is called often; it may
-    raise ``errors.Cancelled`` to stop. Bad input raises ``errors.InputError``.
+    ``affine_transform``: the affine already found for this pair (``preprocess.affine_align``, fixed to
+    moving points), used instead of the affine stage. The result lives on the fixed image's grid; with
+    ``inverse`` also the inverse field on the moving image's grid (velocity integrated backwards, inverse
+    affine). ``progress(stage, fraction)`` is called often; it may raise ``errors.Cancelled`` to stop.
+    Bad input raises ``errors.InputError``.
     """
     clock = _Clock(progress)
     clock("check")
@@ -139,8 +142,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     torch_device = pick_device(device)
 
     clock("affine")
-    transform = affine_align(fixed, moving, clock.progress, fixed_mask=fixed_mask, moving_mask=moving_mask) \
-        if affine else sitk.AffineTransform(3)
+    if affine_transform is not None:
+        transform = affine_transform
+    elif affine:
+        transform = affine_align(fixed, moving, clock.progress, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    else:
+        transform = sitk.AffineTransform(3)
 
     clock("resample")
     spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
