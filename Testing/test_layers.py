@@ -100,3 +100,21 @@ def test_sample_on_grid_matches_scipy_through_an_index_map():
     for c in range(2):
         expected = map_coordinates(volume[c], np.moveaxis(index[..., ::-1], -1, 0), order=1, mode="constant")
         np.testing.assert_allclose(out[c], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding, mode", [("zeros", "grid-constant"), ("border", "nearest")])
+def test_sample_on_grid_of_a_permuted_flipped_map_matches_scipy_outside_too(padding, mode):
+    from SlicerVoxelMorphLib.layers import sample_on_grid
+
+    rng = np.random.default_rng(5)
+    volume = rng.random((3, 6, 7, 8)).astype(np.float32)  # (C, D, H, W)
+    # volume i follows grid k (flipped), volume j follows grid i, volume k follows grid j: partly outside
+    index_map = np.array([[0, 0, -0.6, 8.4], [0.45, 0, 0, -1.3], [0, 0.7, 0, -0.8], [0, 0, 0, 1]])
+    shape = (13, 10, 19)  # (K, J, I)
+    out = sample_on_grid(torch.from_numpy(volume)[None], index_map, shape, padding).numpy()[0]
+    k, j, i = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    index = np.stack([i, j, k, np.ones_like(i)], -1) @ index_map[:3].T
+    assert (index < -0.5).any() and (index[..., 0] > 7.5).any()  # the check reaches beyond the volume
+    for c in range(3):
+        expected = map_coordinates(volume[c], np.moveaxis(index[..., ::-1], -1, 0), order=1, mode=mode)
+        np.testing.assert_allclose(out[c], expected, atol=1e-5)

@@ -100,6 +100,8 @@ def sample_on_grid(volume: torch.Tensor, index_map: np.ndarray, shape: tuple[int
     """Trilinear samples (1, C, K, J, I) of ``volume`` (1, C, D, H, W) at the voxel centres of a grid of
     ``shape`` (K, J, I) whose index (i, j, k, 1) maps to a continuous index of ``volume`` through the
     4x4 ``index_map``; outside: zero, or the edge value with ``padding="border"``."""
+    if _is_axis_aligned(index_map):
+        return _sample_separably(volume, np.asarray(index_map, dtype=np.float64), shape, padding)
     d, h, w = volume.shape[2:]
     index_to_normalised = np.eye(4)
     index_to_normalised[:3, :3] = np.diag([2 / w, 2 / h, 2 / d])
@@ -107,6 +109,39 @@ def sample_on_grid(volume: torch.Tensor, index_map: np.ndarray, shape: tuple[int
     grid = affine_on_grid(index_to_normalised @ index_map, shape)
     return F.grid_sample(volume, grid[None].to(volume.dtype), mode="bilinear", padding_mode=padding,
                          align_corners=False)
+
+
+def _is_axis_aligned(index_map: np.ndarray) -> bool:
+    """Whether every volume axis follows exactly one grid axis (a scaled, flipped or permuted map)."""
+    nonzero = np.abs(np.asarray(index_map, dtype=np.float64)[:3, :3]) > 1e-12
+    return bool((nonzero.sum(0) == 1).all() and (nonzero.sum(1) == 1).all())
+
+
+def _sample_separably(volume: torch.Tensor, index_map: np.ndarray, shape: tuple[int, int, int],
+                      padding: str) -> torch.Tensor:
+    """``sample_on_grid`` for an axis-aligned ``index_map``: linear interpolation along one axis at a time
+    (two gathers a axis instead of a trilinear lookup a voxel)."""
+    out = volume
+    volume_dim_of = {0: 4, 1: 3, 2: 2}  # volume index i, j, k -> tensor dims W, H, D
+    grid_axis_at = {}  # tensor dim -> grid axis (0 = i, 1 = j, 2 = k) it holds after resampling
+    for axis in range(3):
+        dim = volume_dim_of[axis]
+        source = int(np.flatnonzero(np.abs(index_map[axis, :3]) > 1e-12)[0])  # the grid axis it follows
+        n_out, n_in = shape[2 - source], volume.shape[dim]
+        position = torch.arange(n_out, dtype=torch.float64) * index_map[axis, source] + index_map[axis, 3]
+        if padding == "border":
+            position = position.clamp(0, n_in - 1)
+        low = position.floor()
+        result = 0
+        for index, weight in ((low, 1 - (position - low)), (low + 1, position - low)):
+            inside = (index >= 0) & (index <= n_in - 1)
+            view = [1] * out.dim()
+            view[dim] = n_out
+            taken = out.index_select(dim, index.clamp(0, n_in - 1).long())
+            result = result + taken * (weight * inside).to(out.dtype).view(view)
+        out, grid_axis_at[dim] = result, source
+    order = [0, 1, *sorted((2, 3, 4), key=lambda dim: -grid_axis_at[dim])]  # (k, j, i) of the grid
+    return out.permute(order).contiguous()
 
 
 def displacement_from_velocity(velocity: torch.Tensor, size: tuple[int, ...], steps: int = 7) -> torch.Tensor:

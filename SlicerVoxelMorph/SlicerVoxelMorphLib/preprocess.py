@@ -20,6 +20,9 @@ GRID_MULTIPLE = 16  # the UNet's four poolings
 MAX_VOXELS = 20_000_000  # per input image: outputs on the fixed grid take ~150 bytes a voxel at peak
 BYTES_PER_VOXEL = 150  # measured: LPBA40 pair, 4.9 M fixed voxels, 1.2 GB peak resident memory
 AFFINE_SMOOTHING_MM = 2.0  # Gaussian sigma of the affine stage
+# fraction of the shrunk voxels the affine metric samples: LPBA40 S35..S40 -> S01, fast mode, mean Dice
+# 0.7200 with every voxel (1.28 s), 0.7207 with a quarter (0.50 s), 0.7182 with a tenth (0.27 s)
+AFFINE_SAMPLING = 0.25
 MIN_EXTENT_MM = 32.0  # the working grid is 1 mm and the network pools 32x: smaller anatomy is refused
 
 
@@ -127,9 +130,9 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
 
     Both images are normalised, shrunk (up to 4x: 2x bin averaging, 2 mm Gaussian, bin averaging
     again) and registered at that one level: moments initialisation (moments of raw CT or z-scored MR
-    intensities mean nothing), then Mattes mutual information on every voxel (deterministic: no
-    random sampling), regular-step gradient descent with physical-shift scales. Masks stay on their
-    full grids (the metric tests points in physical space).
+    intensities mean nothing), then Mattes mutual information on a regular quarter of the voxels
+    (fixed seed: deterministic), regular-step gradient descent with physical-shift scales. Masks stay
+    on their full grids (the metric tests points in physical space).
     """
     factor = max(1, min(4, min(fixed.GetSize()) // 16))
     f, m = (_coarse_normalised(image, factor) for image in (fixed, moving))
@@ -137,7 +140,8 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
                                                   sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    method.SetMetricSamplingStrategy(method.NONE)
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(AFFINE_SAMPLING, seed=1)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
                                                     relaxationFactor=0.5)
@@ -168,10 +172,11 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
 
 
 def _coarse_normalised(image: sitk.Image, factor: int, sigma_mm: float = AFFINE_SMOOTHING_MM) -> sitk.Image:
-    """``image`` shrunk by ``factor`` per axis (bin averaging, half of it before a Gaussian of
-    ``sigma_mm``), normalised to [0, 1] (float32): what the affine stage registers."""
+    """``image`` stored in LPS order (axes permuted and flipped, no interpolation, so the metric samples
+    the same points of an image stored RAS or LPS), shrunk by ``factor`` per axis (bin averaging, half
+    of it before a Gaussian of ``sigma_mm``), normalised to [0, 1] (float32): what the affine stage registers."""
     first = max(1, factor // 2)
-    small = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), [first] * 3)
+    small = sitk.BinShrink(sitk.DICOMOrient(sitk.Cast(image, sitk.sitkFloat32), "LPS"), [first] * 3)
     normalised = sitk.GetImageFromArray(normalise(sitk.GetArrayViewFromImage(small)))
     normalised.CopyInformation(small)
     smooth = sitk.SmoothingRecursiveGaussian(normalised, sigma_mm)
