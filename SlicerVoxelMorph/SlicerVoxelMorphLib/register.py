@@ -255,8 +255,9 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
         clock("network")
         with torch.no_grad():
             velocity = net.to(device).velocity(moving_small, fixed_small)
+            flow = displacement_from_velocity(velocity, size, int_steps)
             descriptors = mind_ssc(moving_small), mind_ssc(fixed_small)  # for both alignment checks
-            info["alignment"] = alignment(*descriptors, velocity, int_steps)
+            info["alignment"] = alignment(*descriptors, flow)
         if refiner is None and fallback is not None and \
                 info["alignment"]["network"] >= info["alignment"]["affine_only"]:
             warnings.warn("the network did not improve on the affine alignment of this pair (inputs unlike its "
@@ -264,24 +265,24 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
             refiner, info["auto_refined"] = fallback, True
     else:
         velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
+        flow = torch.zeros(1, 3, *size, device=device)
     if refiner is not None:
         clock("refine")
         velocity, info["refinement"] = replace(refiner, int_steps=int_steps).execute(
             velocity, moving_small, fixed_small, clock.progress, fixed_mask, moving_mask)
-        if net is not None:
-            with torch.no_grad():
-                info["alignment"]["refined"] = alignment(*descriptors, velocity, int_steps)["network"]
+        with torch.no_grad():
+            flow = displacement_from_velocity(velocity, size, int_steps)
+            if net is not None:
+                info["alignment"]["refined"] = alignment(*descriptors, flow)["network"]
     with torch.no_grad():
-        flow = displacement_from_velocity(velocity, size, int_steps)[0].cpu().numpy()
         backward = displacement_from_velocity(-velocity, size, int_steps)[0].cpu().numpy() if inverse else None
-    return flow, backward, device, info
+    return flow[0].cpu().numpy(), backward, device, info
 
 
-def alignment(source: torch.Tensor, target: torch.Tensor, velocity: torch.Tensor, int_steps: int) -> dict[str, float]:
+def alignment(source: torch.Tensor, target: torch.Tensor, flow: torch.Tensor) -> dict[str, float]:
     """Mean squared MIND-SSC difference (modality independent; lower is better) between the fixed image's
     descriptors ``target`` and the moving image's ``source`` as they are (affine only) and warped by
-    ``velocity``."""
-    flow = displacement_from_velocity(velocity, tuple(target.shape[2:]), int_steps)
+    ``flow`` (voxels of their grid)."""
     return {"affine_only": round(losses.mse(target, source).item(), 6),
             "network": round(losses.mse(target, SpatialTransformer()(source, flow)).item(), 6)}
 
