@@ -1,6 +1,7 @@
 """Bad input: a one-line error naming the problem, exit status 2, no traceback, inputs untouched."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -203,3 +204,39 @@ def test_masks_that_miss_the_working_region_and_bad_smoothness_are_named(files, 
     _expect_error(capsys, [*base, "--smoothness", "nan"], "smoothness")
     _expect_error(capsys, [*base, "--smoothness", "0"], "smoothness")
     assert not (tmp_path / "o").exists()
+
+
+def _process(args: list[str]):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "SlicerVoxelMorph"
+    env = {**os.environ, "PYTHONPATH": str(package)}
+    return subprocess.run([sys.executable, "-m", "SlicerVoxelMorphLib.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_the_process_exits_2_with_one_line_for_a_missing_input(tmp_path):
+    done = _process(["register", "--fixed", str(tmp_path / "nowhere.nii.gz"), "--moving",
+                     str(tmp_path / "nowhere.nii.gz"), "--out", str(tmp_path / "out")])
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "nowhere.nii.gz" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_process_writes_every_output_before_it_exits(pair, tmp_path):
+    paths, _ = pair
+    out = tmp_path / "out"
+    done = _process(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]),
+                     "--fixed-labels", str(paths["fixed_labels"]), "--moving-labels", str(paths["moving_labels"]),
+                     "--model", "none", "--refine", "2", "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert "mean Dice" in done.stdout  # printed and flushed before the fast exit
+    for name in ("warped.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "warped_labels.nii.gz"):
+        assert sitk.ReadImage(str(out / name)).GetSize() == sitk.ReadImage(str(paths["fixed"])).GetSize()
+    from PIL import Image
+
+    assert Image.open(out / "report.png").size[0] > 100
+    assert "mean_dice_after" in json.loads((out / "report.json").read_text())
