@@ -132,14 +132,15 @@ def _sample_separably(volume: torch.Tensor, index_map: np.ndarray, shape: tuple[
         if padding == "border":
             position = position.clamp(0, n_in - 1)
         low = position.floor()
-        result = 0
+        view = [1] * out.dim()
+        view[dim] = n_out
+        taken = []
         for index, weight in ((low, 1 - (position - low)), (low + 1, position - low)):
             inside = (index >= 0) & (index <= n_in - 1)
-            view = [1] * out.dim()
-            view[dim] = n_out
-            taken = out.index_select(dim, index.clamp(0, n_in - 1).long())
-            result = result + taken * (weight * inside).to(out.dtype).view(view)
-        out, grid_axis_at[dim] = result, source
+            taken.append((out.index_select(dim, index.clamp(0, n_in - 1).long()),
+                          (weight * inside).to(out.dtype).view(view)))
+        (first, first_weight), (second, second_weight) = taken
+        out, grid_axis_at[dim] = first.mul_(first_weight).addcmul_(second, second_weight), source
     order = [0, 1, *sorted((2, 3, 4), key=lambda dim: -grid_axis_at[dim])]  # (k, j, i) of the grid
     return out.permute(order).contiguous()
 
