@@ -113,7 +113,7 @@ def run_register(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
 
     from .files import Background, staged_output
-    from .images import check_image, check_mask, read_image, write_image
+    from .images import check_image, check_mask, read_image
     from .preprocess import affine_align, check_scale
     from .report import write_report_png
 
@@ -175,23 +175,24 @@ def run_register(args: argparse.Namespace) -> None:
     result.report["seconds"] = {**seconds, "total": round(sum(v for k, v in seconds.items() if k != "total"), 3)}
     images_level, fields_level = COMPRESSION[args.compression]
     report = {"fixed": str(args.fixed), "moving": str(args.moving), **result.report}
+    # float32 vectors (as ANTs writes them): half the size and time of float64, 1e-5 mm precision
+    fields = [(result.displacement, "displacement.nii.gz"), (result.jacobian, "jacobian.nii.gz"),
+              (result.inverse_displacement, "inverse_displacement.nii.gz")]
+    scans = [(result.warped, "warped.nii.gz"), (result.warped_labels, "warped_labels.nii.gz")]
     with staged_output(out) as stage:
-        # report.png renders (mostly Python) while the images are compressed (zlib releases the GIL)
-        drawing = Background(write_report_png, stage / "report.png", fixed, moving, result.warped,
-                             result.displacement, result.jacobian, result.report)
+        # three threads: report.png (mostly Python), the compressed scans and the stored fields (zlib,
+        # file writes and ITK release the GIL)
+        workers = [Background(write_report_png, stage / "report.png", fixed, moving, result.warped,
+                              result.displacement, result.jacobian, result.report),
+                   Background(_write_images, scans, stage, images_level)]
         try:
-            write_image(result.warped, stage / "warped.nii.gz", images_level)
-            # float32 vectors (as ANTs writes them): half the size and time of float64, 1e-5 mm precision
-            write_image(result.displacement, stage / "displacement.nii.gz", fields_level)
-            write_image(result.jacobian, stage / "jacobian.nii.gz", fields_level)
-            if result.inverse_displacement is not None:
-                write_image(result.inverse_displacement, stage / "inverse_displacement.nii.gz", fields_level)
-            if result.warped_labels is not None:
-                write_image(result.warped_labels, stage / "warped_labels.nii.gz", images_level)
+            _write_images(fields, stage, fields_level)
             (stage / "report.json").write_text(json.dumps(report, indent=2))
         finally:
-            drawing.thread.join()  # never leave the thread writing into a stage that is being removed
-        drawing.join()  # re-raises the drawing's own error
+            for worker in workers:
+                worker.thread.join()  # never leave a thread writing into a stage that is being removed
+        for worker in workers:
+            worker.join()  # re-raises the thread's own error
     if not args.quiet:
         summary = f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}, " \
             if "mean_dice_after" in report else ""
@@ -200,6 +201,15 @@ def run_register(args: argparse.Namespace) -> None:
             summary += f"TRE {tre['mean_tre_before_mm']:.2f} -> {tre['mean_tre_after_mm']:.2f} mm, "
         print(f"{summary}folding {report['folding_percent']:.4f} %, {report['seconds']['total']:.1f} s "
               f"on {report['device']}; results in {out}")
+
+
+def _write_images(named: list, folder: Path, compression: int) -> None:
+    """Write each (image or None, file name) pair into ``folder``."""
+    from .images import write_image
+
+    for image, name in named:
+        if image is not None:
+            write_image(image, folder / name, compression)
 
 
 def run_apply(args: argparse.Namespace) -> None:
