@@ -16,7 +16,8 @@ from .preprocess import intensity_window, scale_to_window
 GRID_EVERY = 6  # voxels between drawn grid lines
 GAP = 4  # pixels between mosaic cells
 TITLE_PX, FONT_PX, SMALL_PX = 42, 14, 10
-CHART_PX = 230  # height of the Dice chart (bars and names)
+CHART_PX = 260  # height of the Dice chart (bars and names)
+NAME_PX = 140  # length of a structure's name under its bars
 BEFORE, AFTER, GRID = (150, 150, 150), (31, 119, 180), (255, 255, 0)
 # ColorBrewer RdBu reversed (blue for negative, red for positive), as matplotlib's "RdBu_r"
 DIVERGING = np.array([[5, 48, 97], [33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130],
@@ -118,7 +119,7 @@ def _dice_chart(picture, draw, report: dict, top: int, font, small) -> None:
 
     rows = report["labels"]
     left, right = 40, picture.width - 10
-    bottom = top + CHART_PX - 110  # 0 on the Dice axis; the names hang below it
+    bottom = top + CHART_PX - NAME_PX - 6  # 0 on the Dice axis; the names hang below it
     height = bottom - (top + 24)
     draw.text((left, top), f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}   "
                            "(grey: before, blue: after)", fill=0, font=font)
@@ -134,8 +135,8 @@ def _dice_chart(picture, draw, report: dict, top: int, font, small) -> None:
             if value == value:  # NaN: no bar
                 draw.rectangle([x + offset * step, bottom - value * height, x + (offset + 0.4) * step, bottom],
                                fill=fill)
-        name = Image.new("L", (104, SMALL_PX + 4), 255)
-        ImageDraw.Draw(name).text((102, 1), str(row["name"])[:18], fill=0, font=small, anchor="ra")
+        name = Image.new("L", (NAME_PX, SMALL_PX + 4), 255)
+        ImageDraw.Draw(name).text((NAME_PX - 2, 1), str(row["name"])[:26], fill=0, font=small, anchor="ra")
         upright = name.rotate(90, expand=True)
         picture.paste((0, 0, 0), (round(x + step / 2 - upright.width / 2), bottom + 4),
                       Image.eval(upright, lambda v: 255 - v))
