@@ -3,7 +3,7 @@
 Each schedule overrides register.ACCURATE (50 steps unless it says otherwise); the accurate preset was
 chosen with this sweep on S35..S40 (README, "Accurate mode").
 
-    python benchmarks/refine.py [--subjects S35,S36,S37,S38,S39,S40] [--model bundled] [--threads 1]
+    python benchmarks/refine.py [--subjects S35,S36,S37,S38,S39,S40] [--model bundled] [--threads 1] [--only TEXT]
 """
 
 import argparse
@@ -32,6 +32,10 @@ SCHEDULES = {  # name: overrides of register.ACCURATE (window 5, velocity at the
     "lr 0.03, smoothness 0.1": {"lr": 0.03, "smooth_weight": 0.1},
     "lr 0.01, smoothness 0.25, 100 steps": {"lr": 0.01, "smooth_weight": 0.25, "steps": 100},
     "lr 0.02, smoothness 0.1, 30 steps (the preset)": {"lr": 0.02, "smooth_weight": 0.1, "steps": 30},
+    "velocity 2 mm, lr 0.02, smoothness 0.1, 30 steps": {"velocity_factor": 2, "lr": 0.02, "smooth_weight": 0.1,
+                                                         "steps": 30},
+    "velocity 2 mm, lr 0.02, smoothness 0.3, 30 steps": {"velocity_factor": 2, "lr": 0.02, "smooth_weight": 0.3,
+                                                         "steps": 30},
 }
 
 
@@ -41,6 +45,7 @@ def main() -> int:
     parser.add_argument("--subjects", default="S35,S36,S37,S38,S39,S40")
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", help="run the schedules whose names contain this text (and network only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
@@ -53,6 +58,8 @@ def main() -> int:
         image, labels = find_subject(data, subject)
         moving, moving_labels = sitk.ReadImage(str(image)), sitk.ReadImage(str(labels))
         for name, overrides in SCHEDULES.items():
+            if args.only and overrides is not None and args.only not in name:
+                continue
             pipeline.ACCURATE.clear()
             pipeline.ACCURATE.update({**default, "steps": 50, **(overrides or {})})
             start = time.perf_counter()
