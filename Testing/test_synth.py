@@ -125,3 +125,16 @@ def test_head_variant_changes_only_the_outside_of_the_brain():
     assert head[distance > 6].max() > 0.5  # scalp drawn
     inside = head[8:16, 8:16, 8:16]
     assert inside.std() < 0.05 * inside.mean() + 0.05  # brain kept (up to noise and blur)
+
+
+def test_a_deformed_copy_moves_image_and_structures_together():
+    subject, _ = _subject()
+    synthesiser = Synthesiser(SynthSettings(velocity_sd=3.0, noise_sd=0))
+    _, structures = synthesiser.one(subject, np.random.default_rng(2), (32, 32, 32))
+    image = structures.float() / 4  # an image that shows its structures
+    copy, moved = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
+    again, _ = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
+    assert torch.equal(copy, again)  # seeded
+    assert (moved != structures).float().mean() > 0.02  # it moved
+    agree = (copy * 4).round().long() == moved
+    assert agree.float().mean() > 0.95  # bilinear and nearest differ at structure boundaries only

@@ -154,3 +154,10 @@ def test_too_many_labels_for_memory_are_refused(tmp_path, capsys, monkeypatch):
     code = main(["train", "--images", str(images), "--labels", str(labels), "--iterations", "1", "--device", "cpu",
                  "--quiet", "--out", str(tmp_path / "x")])
     assert code == 2 and "merge labels" in capsys.readouterr().err
+
+
+def test_copy_pairs_train_with_image_similarity(tmp_path):
+    images, labels = _dataset(tmp_path)
+    _train(images, labels, tmp_path / "copy", "--synth-fraction", "1", "--copy-fraction", "1")
+    rows = list(csv.DictReader(open(tmp_path / "copy" / "log.csv")))
+    assert all(r["synthetic"] == "1" and r["ncc"] != "" and r["dice"] != "" for r in rows)

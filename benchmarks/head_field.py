@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                          "folding": result.report["folding_percent"], "seconds": time.perf_counter() - start})
             print(f"{subject} {name}: end-point error {before:.2f} -> {after:.2f} mm"
                   f"{' (safety net refined)' if rows[-1]['refined'] else ''}", flush=True)
-    lines = [f"# Whole-head proxy: LPBA40 {', '.join(subjects)} with a synthetic head, against a copy deformed by "
-             f"a known smooth field (largest {LARGEST_MM:g} mm), "
+    lines = [f"# Whole-head proxy: LPBA40 {', '.join(subjects)} with a synthetic head, registered to a copy "
+             f"deformed by a known smooth field (largest {LARGEST_MM:g} mm), "
              f"{'accurate preset' if args.accurate else 'network only'}, "
              f"safety net {'on' if args.auto_refine else 'off'}", "",
              "Mean end-point error (mm) inside the head, mean over subjects.", "",

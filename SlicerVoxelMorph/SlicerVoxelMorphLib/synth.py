@@ -211,16 +211,29 @@ class Synthesiser:
         image = image + torch.from_numpy(rng.normal(0, rng.uniform(0, s.noise_sd), size).astype(np.float32))
         return torch.from_numpy(normalise(image.numpy()))
 
+    def one(self, subject: SynthSubject, rng: np.random.Generator,
+            size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, structures), each (1, 1, *size): one random draw of ``subject``."""
+        generation = self.labels(subject, rng, size)
+        brain = generation > HEAD_LAYERS
+        return self.image(generation, subject.structures, rng), \
+            torch.where(brain, (generation - 1 - HEAD_LAYERS) // TISSUES, 0)
+
     def pair(self, moving: SynthSubject, fixed: SynthSubject, rng: np.random.Generator,
              size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(moving image, fixed image, moving structures, fixed structures), each (1, 1, *size)."""
-        out_images, out_structures = [], []
-        for subject in (moving, fixed):
-            generation = self.labels(subject, rng, size)
-            out_images.append(self.image(generation, subject.structures, rng))
-            brain = generation > HEAD_LAYERS
-            out_structures.append(torch.where(brain, (generation - 1 - HEAD_LAYERS) // TISSUES, 0))
-        return out_images[0], out_images[1], out_structures[0], out_structures[1]
+        (m_image, m_structures), (f_image, f_structures) = (self.one(s, rng, size) for s in (moving, fixed))
+        return m_image, f_image, m_structures, f_structures
+
+    def deformed_copy(self, image: torch.Tensor, structures: torch.Tensor,
+                      rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image`` and its ``structures`` under one random smooth deformation (as ``labels`` draws),
+        with fresh noise: the fixed half of a same-scan pair whose true deformation is known."""
+        grid = self.deformation(rng, tuple(image.shape[2:]))
+        warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        noise = rng.normal(0, rng.uniform(0, self.settings.noise_sd), tuple(image.shape[2:])).astype(np.float32)
+        moved = F.grid_sample(structures.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return (warped + torch.from_numpy(noise)).clamp(0, 1), moved.long()
 
 
 def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:

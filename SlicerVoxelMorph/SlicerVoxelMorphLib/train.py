@@ -52,6 +52,7 @@ class TrainConfig:
     val_every: int = 250
     checkpoint_every: int = 250
     synth_fraction: float = 0.0  # share of iterations on image pairs synthesised from the label maps
+    copy_fraction: float = 0.0  # of those, the share that are one synthetic image and a deformed copy of it
     init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
@@ -135,6 +136,8 @@ class Trainer:
             raise InputError(f"--synth-fraction must be in [0, 1], not {c.synth_fraction}")
         if c.synth_fraction > 0 and not c.labels:
             raise InputError("synthesis (--synth-fraction > 0) needs training label maps (--labels)")
+        if not 0 <= c.copy_fraction <= 1:
+            raise InputError(f"--copy-fraction must be in [0, 1], not {c.copy_fraction}")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
             raise InputError("synthesis (--synth-fraction > 0) trains on label overlap: --dice-weight must be > 0")
         if not c.images:
@@ -204,32 +207,41 @@ class Trainer:
         m_image, f_image = moving.image, fixed.image
         if c.augment:
             m_image, f_image, m_soft = augment_pair(m_image, f_image, m_soft, rng)
-        return m_image, f_image, m_soft, f_soft, True
+        return m_image, f_image, m_soft, f_soft, "real"
 
     def sample_synthetic(self, rng: np.random.Generator) -> tuple:
         """A pair synthesised from two label maps (the same one with probability 0.2), one-hot maps of
-        a random subset of brain structures; no image similarity (contrasts differ by design)."""
+        a random subset of brain structures; no image similarity (contrasts differ by design). With
+        ``copy_fraction``: one synthetic image and a deformed copy of it, image similarity included
+        (one contrast: the loss sees every voxel, not only structure boundaries)."""
         c = self.config
         pool = self.synth_subjects
         moving = pool[rng.integers(len(pool))]
-        fixed = moving if rng.random() < 0.2 else pool[rng.integers(len(pool))]
         size = tuple(n // self.factor for n in moving.generation.shape[2:])
-        m_image, f_image, m_structures, f_structures = self.synthesiser.pair(moving, fixed, rng, size)
+        copy = c.copy_fraction > 0 and rng.random() < c.copy_fraction
+        if copy:
+            m_image, m_structures = self.synthesiser.one(moving, rng, size)
+            f_image, f_structures = self.synthesiser.deformed_copy(m_image, m_structures, rng)
+        else:
+            fixed = moving if rng.random() < 0.2 else pool[rng.integers(len(pool))]
+            m_image, f_image, m_structures, f_structures = self.synthesiser.pair(moving, fixed, rng, size)
         n = min(c.dice_labels_per_iteration, len(self.label_set))
         chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)) + 1).view(1, -1, 1, 1, 1)
-        return m_image, f_image, (m_structures == chosen).float(), (f_structures == chosen).float(), False
+        return (m_image, f_image, (m_structures == chosen).float(), (f_structures == chosen).float(),
+                "copy" if copy else "synthetic")
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         """One optimisation step; returns the loss terms."""
         c = self.config
-        *tensors, use_similarity = batch
+        *tensors, kind = batch  # "real", "synthetic" (label overlap only) or "copy" (one contrast)
+        use_similarity = kind != "synthetic"
         moving, fixed, m_soft, f_soft = (t.to(self.device) if t is not None else None for t in tensors)
         amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             warped, flow, velocity = self.net(moving, fixed)
         smooth = losses.grad(velocity.float())
         loss = c.smooth_weight * smooth
-        terms = {"smooth": smooth.item(), "synthetic": int(not use_similarity)}
+        terms = {"smooth": smooth.item(), "synthetic": int(kind != "real")}
         if use_similarity:
             similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
             loss = loss + similarity
