@@ -240,3 +240,22 @@ def test_the_process_writes_every_output_before_it_exits(pair, tmp_path):
 
     assert Image.open(out / "report.png").size[0] > 100
     assert "mean_dice_after" in json.loads((out / "report.json").read_text())
+
+
+def test_masks_that_never_meet_fail_the_affine_stage_with_one_line(tmp_path, capsys):
+    from conftest import phantom
+
+    array, _ = phantom((40, 44, 36))
+    corner, opposite = np.zeros(array.shape, np.uint8), np.zeros(array.shape, np.uint8)
+    corner[:4, :4, :4] = 1
+    opposite[-4:, -4:, -4:] = 1
+    paths = {}
+    for name, image in (("fixed", to_image(array)), ("fixed_mask", to_image(corner)),
+                        ("moving_mask", to_image(opposite))):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(image, str(paths[name]))
+    code, err = _run(capsys, ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["fixed"]),
+                              "--fixed-mask", str(paths["fixed_mask"]), "--moving-mask", str(paths["moving_mask"]),
+                              "--quiet", "--out", str(tmp_path / "out")])
+    assert code == 2 and "affine alignment failed" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -222,3 +222,13 @@ def test_jacobian_matches_numpy_gradient_everywhere_on_a_rotated_grid():
     expected = np.linalg.det(np.eye(3) + by_index @ np.linalg.inv(linear))  # d u / d x = d u / d index . d index / d x
     det = metrics.jacobian_determinant(u, linear)
     np.testing.assert_allclose(det, expected, rtol=1e-4, atol=1e-5)  # borders (one-sided) included
+
+
+def test_jacobian_on_an_oblique_grid_matches_numpy_gradient():
+    angle = 0.4
+    oblique = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    linear = oblique @ np.diag([1.5, 0.8, 2.0])
+    u = np.random.default_rng(8).normal(0, 0.3, (5, 6, 7, 3))
+    by_index = np.stack([np.stack(np.gradient(u[..., a], axis=(2, 1, 0)), -1) for a in range(3)], -2)
+    expected = np.linalg.det(np.eye(3) + by_index @ np.linalg.inv(linear))
+    np.testing.assert_allclose(metrics.jacobian_determinant(u, linear), expected, rtol=1e-4, atol=1e-5)

@@ -112,12 +112,14 @@ def test_a_failing_batch_producer_stops_training_with_its_error(tmp_path, monkey
               "--quiet", "--out", str(tmp_path / "x")])
 
 
-def test_synthesis_without_a_label_loss_and_a_fresh_run_into_a_used_folder_are_refused(tmp_path, capsys):
+def test_synthesis_without_a_label_loss_copies_without_synthesis_and_a_used_folder_are_refused(tmp_path, capsys):
     images, labels = _dataset(tmp_path)
     base = ["train", "--images", str(images), "--labels", str(labels), "--val-subjects", "S3", "--iterations", "2",
             "--device", "cpu", "--quiet"]
     assert main([*base, "--synth-fraction", "0.5", "--dice-weight", "0", "--out", str(tmp_path / "a")]) == 2
     assert "dice-weight" in capsys.readouterr().err
+    assert main([*base, "--copy-fraction", "0.5", "--out", str(tmp_path / "c")]) == 2
+    assert "--synth-fraction" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert main([*base, "--out", str(tmp_path / "b")]) == 2
     assert "--resume" in capsys.readouterr().err

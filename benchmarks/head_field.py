@@ -2,7 +2,8 @@
 a copy of itself deformed by a known smooth field (largest displacement 6 mm inside the head); mean
 end-point error (mm) of the recovered field inside the head, before (identity) and after, per model.
 
-    python benchmarks/head_field.py --models it3500=PATH,it5000=PATH [--accurate] [--out DIR]
+    python benchmarks/head_field.py --models it3500=PATH,it5000=PATH [--subjects S35,S36] [--accurate]
+        [--auto-refine] [--threads 2] [--out DIR]
 """
 
 import argparse

@@ -145,24 +145,23 @@ def run_register(args: argparse.Namespace) -> None:
         bar.refresh()
 
     try:
+        transform, affine_seconds = None, 0.0
+        if not args.no_affine:
+            for image, what in ((fixed, "fixed image"), (moving, "moving image")):
+                check_scale(check_image(image, what), what)
+            start = time.perf_counter()
+            masks = [check_mask(mask, image, what) if mask else None for mask, image, what in
+                     ((fixed_mask, fixed, "fixed mask"), (moving_mask, moving, "moving mask"))]
+            transform = affine_align(fixed, moving, progress, fixed_mask=masks[0], moving_mask=masks[1])
+            affine_seconds = round(time.perf_counter() - start, 3)
+        register = loading.join().register  # the import's own warnings are not the user's business
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _one_line_warning
-            transform, affine_seconds = None, 0.0
-            if not args.no_affine:
-                for image, what in ((fixed, "fixed image"), (moving, "moving image")):
-                    check_scale(check_image(image, what), what)
-                start = time.perf_counter()
-                transform = affine_align(fixed, moving, progress,
-                                         fixed_mask=check_mask(fixed_mask, fixed, "fixed mask") if fixed_mask else None,
-                                         moving_mask=check_mask(moving_mask, moving, "moving mask")
-                                         if moving_mask else None)
-                affine_seconds = round(time.perf_counter() - start, 3)
-            register = loading.join().register
-            if args.threads:
-                import torch
-
-                torch.set_num_threads(args.threads)
             result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                               label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
                               accurate=args.accurate, similarity=args.similarity, auto_refine=not args.no_auto_refine,

@@ -128,7 +128,8 @@ def _sample_separably(volume: torch.Tensor, index_map: np.ndarray, shape: tuple[
         dim = volume_dim_of[axis]
         source = int(np.flatnonzero(np.abs(index_map[axis, :3]) > 1e-12)[0])  # the grid axis it follows
         n_out, n_in = shape[2 - source], volume.shape[dim]
-        position = torch.arange(n_out, dtype=torch.float64) * index_map[axis, source] + index_map[axis, 3]
+        position = torch.arange(n_out, dtype=torch.float64, device=volume.device) * index_map[axis, source] \
+            + index_map[axis, 3]
         if padding == "border":
             position = position.clamp(0, n_in - 1)
         low = position.floor()

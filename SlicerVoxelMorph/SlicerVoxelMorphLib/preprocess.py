@@ -165,7 +165,11 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
             method.StopRegistration()  # the optimiser ends after this iteration
 
     method.AddCommand(sitk.sitkIterationEvent, report)
-    method.Execute(f, m)
+    try:
+        method.Execute(f, m)
+    except RuntimeError as exc:  # ITK's own message is many lines; its gist is that the images do not meet
+        raise InputError("the affine alignment failed: the images (or masks) do not overlap enough in physical "
+                         "space; check their origins and directions, or register with --no-affine") from exc
     if cancelled:
         raise cancelled[0]
     return transform

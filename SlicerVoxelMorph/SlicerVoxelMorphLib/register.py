@@ -104,9 +104,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     Landmarks ``fixed_points`` / ``moving_points`` (N x 3, LPS mm, matched by row) give the target
     registration error before (identity) and after, per point and mean, in the report.
     ``affine_transform``: the affine already found for this pair (``preprocess.affine_align``, fixed to
-    moving points), used instead of the affine stage. The result lives on the fixed image's grid; with
-    ``inverse`` also the inverse field on the moving image's grid (velocity integrated backwards, inverse
-    affine). ``progress(stage, fraction)`` is called often; it may raise ``errors.Cancelled`` to stop.
+    moving points), used instead of the affine stage (whatever ``affine`` says). The result lives on the
+    fixed image's grid; with ``inverse`` also the inverse field on the moving image's grid (velocity
+    integrated backwards, inverse affine). ``progress(stage, fraction)`` is called often; it may raise
+    ``errors.Cancelled`` to stop.
     Bad input raises ``errors.InputError``.
     """
     clock = _Clock(progress)
@@ -208,7 +209,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         mask = mask & (sitk.GetArrayViewFromImage(fixed_mask) > 0)
     report = {
         "device": str(used), "model": record.get("name", "none"), "model_sha256": record.get("sha256"),
-        "refine_steps": refine_steps, "accurate": accurate, "affine": affine, **deform_report,
+        "refine_steps": refine_steps, "accurate": accurate, "affine": affine or affine_transform is not None,
+        **deform_report,
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
         "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
                          "origin_lps": list(grid.GetOrigin())},

@@ -19,9 +19,10 @@ TITLE_PX, FONT_PX, SMALL_PX = 42, 14, 10
 CHART_PX = 260  # height of the Dice chart (bars and names)
 NAME_PX = 140  # length of a structure's name under its bars
 BEFORE, AFTER, GRID = (150, 150, 150), (31, 119, 180), (255, 255, 0)
-# ColorBrewer RdBu reversed (blue for negative, red for positive), as matplotlib's "RdBu_r"
-DIVERGING = np.array([[5, 48, 97], [33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130],
-                      [178, 24, 43], [103, 0, 31]], np.float32)
+# the 11 colours of ColorBrewer's RdBu, reversed (blue for negative, red for positive): matplotlib's "RdBu_r"
+DIVERGING = np.array([[5, 48, 97], [33, 102, 172], [67, 147, 195], [146, 197, 222], [209, 229, 240],
+                      [247, 247, 247], [253, 219, 199], [244, 165, 130], [214, 96, 77], [178, 24, 43],
+                      [103, 0, 31]], np.float32)
 
 
 def _slices(array: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
@@ -82,7 +83,7 @@ def write_report_png(path: str | Path, fixed: sitk.Image, moving: sitk.Image, wa
     heights = [s.shape[0] for s in f]
     width = max(s.shape[1] for s in f)
     has_dice = "labels" in report
-    size = (len(columns) * (width + GAP) - GAP, TITLE_PX + sum(heights) + GAP * 2 + (CHART_PX if has_dice else 0))
+    size = (len(columns) * (width + GAP) - GAP, TITLE_PX + sum(heights) + GAP * 3 + (CHART_PX if has_dice else 0))
     mosaic = np.full((size[1], size[0], 3), 255, np.uint8)
     grid_axes = {0: (1, 0), 1: (2, 0), 2: (2, 1)}  # in-plane (row, col) axes as (i, j, k) components
     segments = []

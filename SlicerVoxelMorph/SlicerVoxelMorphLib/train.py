@@ -138,6 +138,8 @@ class Trainer:
             raise InputError("synthesis (--synth-fraction > 0) needs training label maps (--labels)")
         if not 0 <= c.copy_fraction <= 1:
             raise InputError(f"--copy-fraction must be in [0, 1], not {c.copy_fraction}")
+        if c.copy_fraction > 0 and c.synth_fraction == 0:
+            raise InputError("--copy-fraction is a share of the synthesised pairs: give --synth-fraction too")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
             raise InputError("synthesis (--synth-fraction > 0) trains on label overlap: --dice-weight must be > 0")
         if not c.images:
