@@ -132,9 +132,16 @@ def test_a_deformed_copy_moves_image_and_structures_together():
     synthesiser = Synthesiser(SynthSettings(velocity_sd=3.0, noise_sd=0))
     _, structures = synthesiser.one(subject, np.random.default_rng(2), (32, 32, 32))
     image = structures.float() / 4  # an image that shows its structures
-    copy, moved = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
-    again, _ = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
+    copy, moved, flow = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
+    again, _, _ = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
     assert torch.equal(copy, again)  # seeded
     assert (moved != structures).float().mean() > 0.02  # it moved
     agree = (copy * 4).round().long() == moved
     assert agree.float().mean() > 0.95  # bilinear and nearest differ at structure boundaries only
+    # the known flow (voxels along D, H, W) reproduces the copy: copy(x) = image(x + flow(x)), by scipy
+    from scipy.ndimage import map_coordinates
+
+    index = np.indices(image.shape[2:]) + flow[0].numpy()
+    expected = map_coordinates(image[0, 0].numpy(), index, order=1, mode="nearest")
+    assert flow.abs().max() > 1  # not a trivial field
+    np.testing.assert_allclose(copy[0, 0].numpy(), expected, atol=1e-4)

@@ -160,6 +160,6 @@ def test_too_many_labels_for_memory_are_refused(tmp_path, capsys, monkeypatch):
 
 def test_copy_pairs_train_with_image_similarity(tmp_path):
     images, labels = _dataset(tmp_path)
-    _train(images, labels, tmp_path / "copy", "--synth-fraction", "1", "--copy-fraction", "1")
+    _train(images, labels, tmp_path / "copy", "--synth-fraction", "1", "--copy-fraction", "1", "--field-weight", "0.1")
     rows = list(csv.DictReader(open(tmp_path / "copy" / "log.csv")))
     assert all(r["synthetic"] == "1" and r["ncc"] != "" and r["dice"] != "" for r in rows)

@@ -362,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--copy-fraction", type=float,
                    help="share of the synthesised pairs that are one image and a randomly deformed copy of it, "
                         "trained with image similarity too (default 0)")
+    t.add_argument("--field-weight", type=float,
+                   help="weight of the squared end-point error against a copy pair's known deformation (default 0)")
     t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import metrics
 from .errors import InputError
 from .images import check_labels
-from .layers import displacement_from_velocity
+from .layers import displacement_from_velocity, identity_grid
 from .preprocess import normalise
 
 TISSUES = 3  # CSF, grey matter, white matter inside the brain
@@ -226,14 +226,20 @@ class Synthesiser:
         return m_image, f_image, m_structures, f_structures
 
     def deformed_copy(self, image: torch.Tensor, structures: torch.Tensor,
-                      rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                      rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``image`` and its ``structures`` under one random smooth deformation (as ``labels`` draws),
-        with fresh noise: the fixed half of a same-scan pair whose true deformation is known."""
-        grid = self.deformation(rng, tuple(image.shape[2:]))
+        with fresh noise: the fixed half of a same-scan pair whose true deformation is known. Also
+        returns that deformation as a flow (1, 3, D, H, W) in voxels along D, H, W: copy(x) =
+        image(x + flow(x)), the network's convention."""
+        size = tuple(image.shape[2:])
+        grid = self.deformation(rng, size)
         warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        noise = rng.normal(0, rng.uniform(0, self.settings.noise_sd), tuple(image.shape[2:])).astype(np.float32)
+        noise = rng.normal(0, rng.uniform(0, self.settings.noise_sd), size).astype(np.float32)
         moved = F.grid_sample(structures.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return (warped + torch.from_numpy(noise)).clamp(0, 1), moved.long()
+        extent = torch.tensor(size[::-1], dtype=torch.float32)  # W, H, D as the grid's x, y, z
+        index = ((grid + 1) * extent - 1) / 2  # align_corners=False: voxel centre i sits at (2 i + 1) / n - 1
+        flow = (index - identity_grid(size, grid.device).permute(0, 2, 3, 4, 1).flip(-1)).flip(-1)
+        return (warped + torch.from_numpy(noise)).clamp(0, 1), moved.long(), flow.permute(0, 4, 1, 2, 3).contiguous()
 
 
 def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:

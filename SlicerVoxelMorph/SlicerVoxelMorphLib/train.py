@@ -53,6 +53,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     synth_fraction: float = 0.0  # share of iterations on image pairs synthesised from the label maps
     copy_fraction: float = 0.0  # of those, the share that are one synthetic image and a deformed copy of it
+    field_weight: float = 0.0  # weight of the squared end-point error against a copy pair's known deformation
     init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
@@ -209,7 +210,7 @@ class Trainer:
         m_image, f_image = moving.image, fixed.image
         if c.augment:
             m_image, f_image, m_soft = augment_pair(m_image, f_image, m_soft, rng)
-        return m_image, f_image, m_soft, f_soft, "real"
+        return m_image, f_image, m_soft, f_soft, None, "real"
 
     def sample_synthetic(self, rng: np.random.Generator) -> tuple:
         """A pair synthesised from two label maps (the same one with probability 0.2), one-hot maps of
@@ -221,15 +222,16 @@ class Trainer:
         moving = pool[rng.integers(len(pool))]
         size = tuple(n // self.factor for n in moving.generation.shape[2:])
         copy = c.copy_fraction > 0 and rng.random() < c.copy_fraction
+        known = None
         if copy:
             m_image, m_structures = self.synthesiser.one(moving, rng, size)
-            f_image, f_structures = self.synthesiser.deformed_copy(m_image, m_structures, rng)
+            f_image, f_structures, known = self.synthesiser.deformed_copy(m_image, m_structures, rng)
         else:
             fixed = moving if rng.random() < 0.2 else pool[rng.integers(len(pool))]
             m_image, f_image, m_structures, f_structures = self.synthesiser.pair(moving, fixed, rng, size)
         n = min(c.dice_labels_per_iteration, len(self.label_set))
         chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)) + 1).view(1, -1, 1, 1, 1)
-        return (m_image, f_image, (m_structures == chosen).float(), (f_structures == chosen).float(),
+        return (m_image, f_image, (m_structures == chosen).float(), (f_structures == chosen).float(), known,
                 "copy" if copy else "synthetic")
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
@@ -237,7 +239,7 @@ class Trainer:
         c = self.config
         *tensors, kind = batch  # "real", "synthetic" (label overlap only) or "copy" (one contrast)
         use_similarity = kind != "synthetic"
-        moving, fixed, m_soft, f_soft = (t.to(self.device) if t is not None else None for t in tensors)
+        moving, fixed, m_soft, f_soft, known = (t.to(self.device) if t is not None else None for t in tensors)
         amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
             warped, flow, velocity = self.net(moving, fixed)
@@ -248,6 +250,8 @@ class Trainer:
             similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
             loss = loss + similarity
             terms["ncc"] = similarity.item()
+        if known is not None and c.field_weight > 0:
+            loss = loss + c.field_weight * ((flow.float() - known) ** 2).sum(1).mean()
         if m_soft is not None:
             overlap = losses.dice(f_soft, self.transformer(m_soft, flow.float()))
             loss = loss + c.dice_weight * overlap
