@@ -141,10 +141,12 @@ class Synthesiser:
     def __init__(self, settings: SynthSettings | None = None) -> None:
         self.settings = settings or SynthSettings()
 
-    def deformation(self, rng: np.random.Generator, size: tuple[int, ...]) -> torch.Tensor:
-        """A random diffeomorphic sampling grid (1, *size, 3) in normalised coordinates (align_corners=False)."""
+    def deformation(self, rng: np.random.Generator, size: tuple[int, ...], affine: bool = True) -> torch.Tensor:
+        """A random diffeomorphic sampling grid (1, *size, 3) in normalised coordinates (align_corners=False):
+        a random affine (unless ``affine`` is False) and a random smooth deformation."""
         s = self.settings
-        theta = random_affine_matrix(rng, s.rotation_deg, s.scale, s.shear, s.shift)
+        theta = random_affine_matrix(rng, s.rotation_deg, s.scale, s.shear, s.shift) if affine \
+            else torch.eye(3, 4)[None]
         grid = F.affine_grid(theta, [1, 1, *size], align_corners=False)
         half = tuple(max(2, n // 2) for n in size)  # integrated at half size, where it is smooth anyway
         velocity = smooth_noise(rng, 3, tuple(max(2, n // 8) for n in size), half, rng.uniform(0, s.velocity_sd) / 2)
@@ -228,11 +230,11 @@ class Synthesiser:
     def deformed_copy(self, image: torch.Tensor, structures: torch.Tensor,
                       rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``image`` and its ``structures`` under one random smooth deformation (as ``labels`` draws),
-        with fresh noise: the fixed half of a same-scan pair whose true deformation is known. Also
-        returns that deformation as a flow (1, 3, D, H, W) in voxels along D, H, W: copy(x) =
-        image(x + flow(x)), the network's convention."""
+        with fresh noise: the fixed half of a same-scan pair whose true deformation is known. No random
+        affine: registration removes it before the network. Also returns that deformation as a flow
+        (1, 3, D, H, W) in voxels along D, H, W: copy(x) = image(x + flow(x)), the network's convention."""
         size = tuple(image.shape[2:])
-        grid = self.deformation(rng, size)
+        grid = self.deformation(rng, size, affine=False)
         warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
         noise = rng.normal(0, rng.uniform(0, self.settings.noise_sd), size).astype(np.float32)
         moved = F.grid_sample(structures.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)

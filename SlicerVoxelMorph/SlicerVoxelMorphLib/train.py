@@ -225,7 +225,8 @@ class Trainer:
         known = None
         if copy:
             m_image, m_structures = self.synthesiser.one(moving, rng, size)
-            f_image, f_structures, known = self.synthesiser.deformed_copy(m_image, m_structures, rng)
+            f_image, f_structures, flow = self.synthesiser.deformed_copy(m_image, m_structures, rng)
+            known = torch.cat([flow, (f_structures > 0).float()], dim=1)  # the flow, and where it is scored
         else:
             fixed = moving if rng.random() < 0.2 else pool[rng.integers(len(pool))]
             m_image, f_image, m_structures, f_structures = self.synthesiser.pair(moving, fixed, rng, size)
@@ -250,8 +251,9 @@ class Trainer:
             similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
             loss = loss + similarity
             terms["ncc"] = similarity.item()
-        if known is not None and c.field_weight > 0:
-            loss = loss + c.field_weight * ((flow.float() - known) ** 2).sum(1).mean()
+        if known is not None and c.field_weight > 0:  # squared end-point error inside the copy's brain
+            error = ((flow.float() - known[:, :3]) ** 2).sum(1, keepdim=True)
+            loss = loss + c.field_weight * losses.weighted_mean(error, known[:, 3:])
         if m_soft is not None:
             overlap = losses.dice(f_soft, self.transformer(m_soft, flow.float()))
             loss = loss + c.dice_weight * overlap
