@@ -46,23 +46,33 @@ def variant_image(image: sitk.Image, labels: sitk.Image, kind: str, seed: int) -
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options these benchmarks share: data, models, subjects, presets, threads, output."""
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--models", required=True, help="comma-separated NAME=PATH (PATH may be 'bundled')")
     parser.add_argument("--subjects", help="comma-separated moving subjects (default: S35..S40 present)")
-    parser.add_argument("--variants", default=",".join(variants.VARIANTS))
-    parser.add_argument("--refine", type=int, default=0)
     parser.add_argument("--accurate", action="store_true", help="the accurate preset (network + refinement)")
     parser.add_argument("--auto-refine", action="store_true", help="keep the safety net on (default: network only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmark_output")
-    args = parser.parse_args(argv)
+
+
+def common_settings(args: argparse.Namespace) -> tuple[Path, Path, dict[str, str], list[str]]:
+    """Threads set; (data folder, output folder, models by name, subjects)."""
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    data, out = Path(args.data), Path(args.out)
+    data = Path(args.data)
     models = dict(item.split("=", 1) for item in args.models.split(","))
-    subjects = args.subjects.split(",") if args.subjects else default_subjects(data)
+    return data, Path(args.out), models, args.subjects.split(",") if args.subjects else default_subjects(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--variants", default=",".join(variants.VARIANTS))
+    parser.add_argument("--refine", type=int, default=0)
+    args = parser.parse_args(argv)
+    data, out, models, subjects = common_settings(args)
     kinds = args.variants.split(",")
     fixed = sitk.ReadImage(str(data / "fixed.nii.gz"))
     fixed_labels = sitk.ReadImage(str(find_file([data / "label"], ATLAS)))

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerVoxelMorph"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generalisation import variant_image
-from lpba40 import DEFAULT_DATA, default_subjects, find_subject
+from generalisation import add_common_arguments, common_settings, variant_image
+from lpba40 import find_subject
 
 from SlicerVoxelMorphLib import images
 from SlicerVoxelMorphLib.preprocess import foreground_mask
@@ -51,19 +50,9 @@ def known_field(image: sitk.Image, head: np.ndarray, seed: int) -> sitk.Image:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--models", required=True, help="comma-separated NAME=PATH (PATH may be 'bundled')")
-    parser.add_argument("--subjects", help="comma-separated subjects (default: S35..S40 present)")
-    parser.add_argument("--accurate", action="store_true", help="the accurate preset (network + refinement)")
-    parser.add_argument("--auto-refine", action="store_true", help="keep the safety net on (default: network only)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmark_output")
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    data, out = Path(args.data), Path(args.out)
-    models = dict(item.split("=", 1) for item in args.models.split(","))
-    subjects = args.subjects.split(",") if args.subjects else default_subjects(data)
+    data, out, models, subjects = common_settings(args)
     rows = []
     for n, subject in enumerate(subjects):
         image_path, labels_path = find_subject(data, subject)
