@@ -240,8 +240,8 @@ class Synthesiser:
         moved = F.grid_sample(structures.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
         extent = torch.tensor(size[::-1], dtype=torch.float32)  # W, H, D as the grid's x, y, z
         index = ((grid + 1) * extent - 1) / 2  # align_corners=False: voxel centre i sits at (2 i + 1) / n - 1
-        flow = (index - identity_grid(size, grid.device).permute(0, 2, 3, 4, 1).flip(-1)).flip(-1)
-        return (warped + torch.from_numpy(noise)).clamp(0, 1), moved.long(), flow.permute(0, 4, 1, 2, 3).contiguous()
+        flow = index.flip(-1).permute(0, 4, 1, 2, 3) - identity_grid(size, grid.device)  # channels D, H, W
+        return (warped + torch.from_numpy(noise)).clamp(0, 1), moved.long(), flow
 
 
 def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:
