@@ -127,21 +127,24 @@ def test_head_variant_changes_only_the_outside_of_the_brain():
     assert inside.std() < 0.05 * inside.mean() + 0.05  # brain kept (up to noise and blur)
 
 
-def test_a_deformed_copy_moves_image_and_structures_together():
-    subject, _ = _subject()
-    synthesiser = Synthesiser(SynthSettings(velocity_sd=3.0, noise_sd=0))
-    _, structures = synthesiser.one(subject, np.random.default_rng(2), (32, 32, 32))
-    image = structures.float() / 4  # an image that shows its structures
-    copy, moved, flow = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
-    again, _, _ = synthesiser.deformed_copy(image, structures, np.random.default_rng(4))
-    assert torch.equal(copy, again)  # seeded
-    assert (moved != structures).float().mean() > 0.02  # it moved
-    agree = (copy * 4).round().long() == moved
-    assert agree.float().mean() > 0.95  # bilinear and nearest differ at structure boundaries only
-    # the known flow (voxels along D, H, W) reproduces the copy: copy(x) = image(x + flow(x)), by scipy
+def test_a_known_pair_shows_one_label_map_under_its_known_flow_in_two_contrasts():
     from scipy.ndimage import map_coordinates
 
-    index = np.indices(image.shape[2:]) + flow[0].numpy()
-    expected = map_coordinates(image[0, 0].numpy(), index, order=1, mode="nearest")
+    subject, _ = _subject()
+    synthesiser = Synthesiser(SynthSettings(velocity_sd=3.0, head_probability=1.0))
+    pair = synthesiser.known_pair(subject, np.random.default_rng(4), (32, 32, 32))
+    again = synthesiser.known_pair(subject, np.random.default_rng(4), (32, 32, 32))
+    assert all(torch.equal(a, b) for a, b in zip(pair, again, strict=True))  # seeded
+    m_image, f_image, m_structures, f_structures, flow, head = pair
     assert flow.abs().max() > 1  # not a trivial field
-    np.testing.assert_allclose(copy[0, 0].numpy(), expected, atol=1e-4)
+    # the known flow (voxels along D, H, W) carries the moving structures onto the fixed ones:
+    # fixed(x) = moving(x + flow(x)), by scipy's nearest-neighbour sampling
+    index = np.indices((32, 32, 32)) + flow[0].numpy()
+    expected = map_coordinates(m_structures[0, 0].numpy(), index, order=0, mode="constant")
+    assert (f_structures[0, 0].numpy() == expected).mean() > 0.99
+    # the scored region is the fixed head: every structure voxel and the head layers around them
+    assert head[f_structures > 0].all() and head.sum() > 1.2 * (f_structures > 0).sum()
+    # each image its own contrast: the mean intensity of a structure differs between them
+    means = [[image[structures == s].mean().item() for s in range(1, 4)]
+             for image, structures in ((m_image, m_structures), (f_image, f_structures))]
+    assert np.abs(np.subtract(*means)).max() > 0.1

@@ -112,13 +112,13 @@ def test_a_failing_batch_producer_stops_training_with_its_error(tmp_path, monkey
               "--quiet", "--out", str(tmp_path / "x")])
 
 
-def test_synthesis_without_a_label_loss_copies_without_synthesis_and_a_used_folder_are_refused(tmp_path, capsys):
+def test_synthesis_without_a_label_loss_known_pairs_without_synthesis_and_a_used_folder_are_refused(tmp_path, capsys):
     images, labels = _dataset(tmp_path)
     base = ["train", "--images", str(images), "--labels", str(labels), "--val-subjects", "S3", "--iterations", "2",
             "--device", "cpu", "--quiet"]
     assert main([*base, "--synth-fraction", "0.5", "--dice-weight", "0", "--out", str(tmp_path / "a")]) == 2
     assert "dice-weight" in capsys.readouterr().err
-    assert main([*base, "--copy-fraction", "0.5", "--out", str(tmp_path / "c")]) == 2
+    assert main([*base, "--known-fraction", "0.5", "--out", str(tmp_path / "c")]) == 2
     assert "--synth-fraction" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert main([*base, "--out", str(tmp_path / "b")]) == 2
@@ -158,8 +158,13 @@ def test_too_many_labels_for_memory_are_refused(tmp_path, capsys, monkeypatch):
     assert code == 2 and "merge labels" in capsys.readouterr().err
 
 
-def test_copy_pairs_train_with_image_similarity(tmp_path):
+def test_known_pairs_train_without_image_similarity_and_validation_scores_the_head_field(tmp_path):
     images, labels = _dataset(tmp_path)
-    _train(images, labels, tmp_path / "copy", "--synth-fraction", "1", "--copy-fraction", "1", "--field-weight", "0.1")
-    rows = list(csv.DictReader(open(tmp_path / "copy" / "log.csv")))
-    assert all(r["synthetic"] == "1" and r["ncc"] != "" and r["dice"] != "" for r in rows)
+    _train(images, labels, tmp_path / "known", "--synth-fraction", "1", "--known-fraction", "1",
+           "--field-weight", "0.1")
+    rows = list(csv.DictReader(open(tmp_path / "known" / "log.csv")))
+    assert all(r["synthetic"] == "1" and r["ncc"] == "" and r["dice"] != "" for r in rows)  # contrasts differ
+    assert all(float(r["field"]) > 0 for r in rows)  # squared end-point error, voxels^2
+    errors = [float(r["val_head_epe_mm"]) for r in rows if r["val_head_epe_mm"]]
+    # a barely trained network moves little: the error is about the known field's mean size (largest 6 mm)
+    assert errors and all(0.3 < e < 6 for e in errors)

@@ -359,11 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--features", choices=["vm1", "vm2"], help="UNet feature sizes (default vm2)")
     t.add_argument("--synth-fraction", type=float,
                    help="share of iterations on image pairs synthesised from the label maps (default 0)")
-    t.add_argument("--copy-fraction", type=float,
-                   help="share of the synthesised pairs that are one image and a randomly deformed copy of it, "
-                        "trained with image similarity too (default 0)")
+    t.add_argument("--known-fraction", type=float,
+                   help="share of the synthesised pairs drawn from one label map and a randomly deformed copy of "
+                        "it, each with its own contrast, so that their deformation is known (default 0)")
     t.add_argument("--field-weight", type=float,
-                   help="weight of the squared end-point error against a copy pair's known deformation (default 0)")
+                   help="weight of the squared end-point error against a known pair's deformation (default 0)")
     t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")

@@ -216,10 +216,13 @@ class Synthesiser:
     def one(self, subject: SynthSubject, rng: np.random.Generator,
             size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, structures), each (1, 1, *size): one random draw of ``subject``."""
-        generation = self.labels(subject, rng, size)
+        return self.draw(self.labels(subject, rng, size), subject.structures, rng)
+
+    def draw(self, generation: torch.Tensor, structures: int,
+             rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, structures) of a generation label map: a random-contrast image and its brain structures."""
         brain = generation > HEAD_LAYERS
-        return self.image(generation, subject.structures, rng), \
-            torch.where(brain, (generation - 1 - HEAD_LAYERS) // TISSUES, 0)
+        return self.image(generation, structures, rng), torch.where(brain, (generation - 1 - HEAD_LAYERS) // TISSUES, 0)
 
     def pair(self, moving: SynthSubject, fixed: SynthSubject, rng: np.random.Generator,
              size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,21 +230,31 @@ class Synthesiser:
         (m_image, m_structures), (f_image, f_structures) = (self.one(s, rng, size) for s in (moving, fixed))
         return m_image, f_image, m_structures, f_structures
 
-    def deformed_copy(self, image: torch.Tensor, structures: torch.Tensor,
-                      rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``image`` and its ``structures`` under one random smooth deformation (as ``labels`` draws),
-        with fresh noise: the fixed half of a same-scan pair whose true deformation is known. No random
-        affine: registration removes it before the network. Also returns that deformation as a flow
-        (1, 3, D, H, W) in voxels along D, H, W: copy(x) = image(x + flow(x)), the network's convention."""
-        size = tuple(image.shape[2:])
+    def known_pair(self, subject: SynthSubject, rng: np.random.Generator, size: tuple[int, ...]) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A pair whose true deformation is known: one random draw of ``subject``'s labels (head layers
+        included) and the same labels under a random smooth deformation (no affine: registration
+        removes it before the network), each drawn with its own contrast. Returns (moving image, fixed
+        image, moving structures, fixed structures, flow, fixed head): flow (1, 3, *size) in voxels
+        along D, H, W with fixed(x) = moving(x + flow(x)), the network's convention; fixed head
+        (1, 1, *size) bool marks the fixed labels' brain and head layers, where the flow is scored."""
+        generation = self.labels(subject, rng, size)
         grid = self.deformation(rng, size, affine=False)
-        warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        noise = rng.normal(0, rng.uniform(0, self.settings.noise_sd), size).astype(np.float32)
-        moved = F.grid_sample(structures.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        extent = torch.tensor(size[::-1], dtype=torch.float32)  # W, H, D as the grid's x, y, z
-        index = ((grid + 1) * extent - 1) / 2  # align_corners=False: voxel centre i sits at (2 i + 1) / n - 1
-        flow = index.flip(-1).permute(0, 4, 1, 2, 3) - identity_grid(size, grid.device)  # channels D, H, W
-        return (warped + torch.from_numpy(noise)).clamp(0, 1), moved.long(), flow
+        moved = F.grid_sample(generation.float(), grid, mode="nearest", padding_mode="zeros",
+                              align_corners=False).long()
+        (m_image, m_structures), (f_image, f_structures) = (
+            self.draw(g, subject.structures, rng) for g in (generation, moved))
+        return m_image, f_image, m_structures, f_structures, flow_of_grid(grid), moved > 0
+
+
+def flow_of_grid(grid: torch.Tensor) -> torch.Tensor:
+    """The displacement (1, 3, D, H, W) in voxels along D, H, W of a sampling grid (1, D, H, W, 3) in
+    normalised coordinates (align_corners=False, x = W first), so that sampling with it is sampling at
+    x + flow(x)."""
+    size = tuple(grid.shape[1:4])
+    extent = torch.tensor(size[::-1], dtype=torch.float32, device=grid.device)  # W, H, D as the grid's x, y, z
+    index = ((grid + 1) * extent - 1) / 2  # align_corners=False: voxel centre i sits at (2 i + 1) / n - 1
+    return index.flip(-1).permute(0, 4, 1, 2, 3) - identity_grid(size, grid.device)
 
 
 def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .layers import ResizeTransform, SpatialTransformer, downsample
 from .models import load_model, resolve_model, save_model
 from .networks import VxmDense
 from .preprocess import grid_for, level_factor, prepare, resample
-from .synth import Synthesiser, SynthSubject, make_subject, random_affine_matrix
+from .synth import Synthesiser, SynthSubject, flow_of_grid, make_subject, random_affine_matrix
 
 
 @dataclass
@@ -52,8 +52,8 @@ class TrainConfig:
     val_every: int = 250
     checkpoint_every: int = 250
     synth_fraction: float = 0.0  # share of iterations on image pairs synthesised from the label maps
-    copy_fraction: float = 0.0  # of those, the share that are one synthetic image and a deformed copy of it
-    field_weight: float = 0.0  # weight of the squared end-point error against a copy pair's known deformation
+    known_fraction: float = 0.0  # of those, the share drawn from one label map and a deformed copy of it
+    field_weight: float = 0.0  # weight of the squared end-point error against a known pair's deformation
     init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
@@ -137,10 +137,10 @@ class Trainer:
             raise InputError(f"--synth-fraction must be in [0, 1], not {c.synth_fraction}")
         if c.synth_fraction > 0 and not c.labels:
             raise InputError("synthesis (--synth-fraction > 0) needs training label maps (--labels)")
-        if not 0 <= c.copy_fraction <= 1:
-            raise InputError(f"--copy-fraction must be in [0, 1], not {c.copy_fraction}")
-        if c.copy_fraction > 0 and c.synth_fraction == 0:
-            raise InputError("--copy-fraction is a share of the synthesised pairs: give --synth-fraction too")
+        if not 0 <= c.known_fraction <= 1:
+            raise InputError(f"--known-fraction must be in [0, 1], not {c.known_fraction}")
+        if c.known_fraction > 0 and c.synth_fraction == 0:
+            raise InputError("--known-fraction is a share of the synthesised pairs: give --synth-fraction too")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
             raise InputError("synthesis (--synth-fraction > 0) trains on label overlap: --dice-weight must be > 0")
         if not c.images:
@@ -215,31 +215,31 @@ class Trainer:
     def sample_synthetic(self, rng: np.random.Generator) -> tuple:
         """A pair synthesised from two label maps (the same one with probability 0.2), one-hot maps of
         a random subset of brain structures; no image similarity (contrasts differ by design). With
-        ``copy_fraction``: one synthetic image and a deformed copy of it, image similarity included
-        (one contrast: the loss sees every voxel, not only structure boundaries)."""
+        ``known_fraction``: a pair drawn from one label map and a randomly deformed copy of it, each with
+        its own contrast, whose flow is known (the end-point error sees every voxel of the head, not
+        only structure boundaries)."""
         c = self.config
         pool = self.synth_subjects
         moving = pool[rng.integers(len(pool))]
         size = tuple(n // self.factor for n in moving.generation.shape[2:])
-        copy = c.copy_fraction > 0 and rng.random() < c.copy_fraction
+        is_known = c.known_fraction > 0 and rng.random() < c.known_fraction
         known = None
-        if copy:
-            m_image, m_structures = self.synthesiser.one(moving, rng, size)
-            f_image, f_structures, flow = self.synthesiser.deformed_copy(m_image, m_structures, rng)
-            known = torch.cat([flow, (f_structures > 0).float()], dim=1)  # the flow, and where it is scored
+        if is_known:
+            m_image, f_image, m_structures, f_structures, flow, head = self.synthesiser.known_pair(moving, rng, size)
+            known = torch.cat([flow, head.float()], dim=1)  # the flow, and where it is scored
         else:
             fixed = moving if rng.random() < 0.2 else pool[rng.integers(len(pool))]
             m_image, f_image, m_structures, f_structures = self.synthesiser.pair(moving, fixed, rng, size)
         n = min(c.dice_labels_per_iteration, len(self.label_set))
         chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)) + 1).view(1, -1, 1, 1, 1)
         return (m_image, f_image, (m_structures == chosen).float(), (f_structures == chosen).float(), known,
-                "copy" if copy else "synthetic")
+                "known" if is_known else "synthetic")
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         """One optimisation step; returns the loss terms."""
         c = self.config
-        *tensors, kind = batch  # "real", "synthetic" (label overlap only) or "copy" (one contrast)
-        use_similarity = kind != "synthetic"
+        *tensors, kind = batch  # "real", "synthetic" or "known" (label overlap, plus the known flow)
+        use_similarity = kind == "real"
         moving, fixed, m_soft, f_soft, known = (t.to(self.device) if t is not None else None for t in tensors)
         amp = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -251,9 +251,10 @@ class Trainer:
             similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
             loss = loss + similarity
             terms["ncc"] = similarity.item()
-        if known is not None and c.field_weight > 0:  # squared end-point error inside the copy's brain
-            error = ((flow.float() - known[:, :3]) ** 2).sum(1, keepdim=True)
-            loss = loss + c.field_weight * losses.weighted_mean(error, known[:, 3:])
+        if known is not None and c.field_weight > 0:  # squared end-point error inside the fixed head
+            error = losses.weighted_mean(((flow.float() - known[:, :3]) ** 2).sum(1, keepdim=True), known[:, 3:])
+            loss = loss + c.field_weight * error
+            terms["field"] = error.item()
         if m_soft is not None:
             overlap = losses.dice(f_soft, self.transformer(m_soft, flow.float()))
             loss = loss + c.dice_weight * overlap
@@ -298,6 +299,9 @@ class Trainer:
         self.net.train()
         if not result:
             return {}
+        errors = [self._head_field_error(s, 2000 + n) for n, s in enumerate(subjects) if s.name in self.val_distance]
+        if errors:
+            result["val_head_epe_mm"] = float(np.mean(errors))
         folds = result.pop("folds")
         result["val_dice"] = result["val_dice_plain"]
         result["val_worst"] = min(v for k, v in result.items() if k.startswith("val_dice_"))
@@ -319,6 +323,21 @@ class Trainer:
         vectors = np.moveaxis(full[0].cpu().numpy()[::-1], 0, -1)  # (K, J, I, 3) voxels (i, j, k)
         det = metrics.jacobian_determinant(vectors, np.eye(3))
         return dice, metrics.folding_percent(det, fixed.labels > 0)
+
+    def _head_field_error(self, subject: Subject, seed: int) -> float:
+        """Mean end-point error (mm) inside the head when ``subject`` with a synthetic head is registered
+        to a copy of itself deformed by a known smooth random field (largest HEAD_FIELD_MM there): the
+        whole-head proxy at the network level. Computed in ``validate``'s no-grad, eval mode."""
+        moving = self._variant(subject, "head", seed).to(self.device)
+        size = tuple(moving.shape[2:])
+        head = (self.val_distance[subject.name] < sum(variants.HEAD_LAYERS_MM)).float().to(self.device)
+        truth = flow_of_grid(self.synthesiser.deformation(np.random.default_rng(seed), size, affine=False))
+        truth = truth.to(self.device)
+        truth *= HEAD_FIELD_MM / self.config.spacing_mm / truth.norm(dim=1)[head[:, 0] > 0].max().clamp_min(1e-6)
+        fixed = self.transformer(moving, truth)
+        inside = self.transformer(head, truth)[:, 0] > 0.5
+        _, flow, _ = self.net(moving, fixed)
+        return float((flow - truth).norm(dim=1)[inside].mean()) * self.config.spacing_mm
 
     def _keep_best(self, row: dict) -> None:
         """Write ``out/best_model.pt`` when the worst validation variant is the best seen so far."""
@@ -414,8 +433,9 @@ class Trainer:
 
 
 MAX_LABEL_BYTES = 4e9  # one-hot label maps of all subjects, uint8 at the training spacing
-LOG_COLUMNS = ["iteration", "seconds", "synthetic", "loss", "ncc", "smooth", "dice", "val_dice", "val_worst",
-               *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent"]
+LOG_COLUMNS = ["iteration", "seconds", "synthetic", "loss", "ncc", "smooth", "dice", "field", "val_dice", "val_worst",
+               *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent", "val_head_epe_mm"]
+HEAD_FIELD_MM = 6.0  # largest displacement inside the head of the whole-head validation proxy
 RESUMABLE_CHANGES = {"iterations", "val_every", "checkpoint_every"}  # settings a resumed run may change
 
 

@@ -42,8 +42,11 @@ def remap_contrast(image: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     return normalise(np.interp(image, knots, values).astype(np.float32))
 
 
+HEAD_LAYERS_MM = (2.0, 6.0, 6.0)  # CSF rim, skull, scalp of the head variant
+
+
 def add_head(image: np.ndarray, distance_mm: np.ndarray, seed: int = 0,
-             layers_mm: tuple[float, ...] = (2.0, 6.0, 6.0), values: tuple[float, ...] = (0.1, 0.05, 0.9),
+             layers_mm: tuple[float, ...] = HEAD_LAYERS_MM, values: tuple[float, ...] = (0.1, 0.05, 0.9),
              voxel_mm: float = 1.0) -> np.ndarray:
     """A skull-stripped image with T1-like head layers (CSF rim, skull, scalp) drawn around the brain,
     where ``distance_mm`` is the distance outside the brain; thickness varies smoothly (seeded)."""
