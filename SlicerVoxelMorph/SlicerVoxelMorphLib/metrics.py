@@ -55,12 +55,13 @@ def dice(a: np.ndarray, b: np.ndarray, ids: list[int]) -> dict[int, float]:
     return out
 
 
-def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarray) -> np.ndarray:
+def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarray, slab: int = 8) -> np.ndarray:
     """det of the Jacobian of x -> x + u(x) in physical space, float32, shape (K, J, I).
 
     ``vectors``: u in physical units, shape (K, J, I, 3) on a grid whose index (i, j, k) maps to
     physical space through the 3x3 matrix ``index_to_physical_linear`` (direction @ diag(spacing)).
-    Central differences inside, one-sided at the borders (as numpy.gradient), in torch (multithreaded).
+    Central differences inside, one-sided at the borders (as numpy.gradient), in torch (multithreaded),
+    ``slab`` slices of K at a time (with one slice either side), so the working buffers stay small.
     """
     import torch
 
@@ -68,8 +69,20 @@ def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarr
     with warnings.catch_warnings():  # a read-only view is fine: it is only read
         warnings.simplefilter("ignore", UserWarning)
         u = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    components = u.permute(3, 0, 1, 2).contiguous()  # u_a as contiguous (K, J, I) volumes
-    del u
+    depth = u.shape[0]
+    det = torch.empty(u.shape[:3])
+    for first in range(0, depth, slab):
+        last = min(depth, first + slab)
+        low, high = max(0, first - 1), min(depth, last + 1)  # neighbours for central differences in k
+        block = _determinant(u[low:high].permute(3, 0, 1, 2).contiguous(), inverse)
+        det[first:last] = block[first - low:last - low]
+    return det.numpy()
+
+
+def _determinant(components: "torch.Tensor", inverse: np.ndarray) -> "torch.Tensor":
+    """det J of a block of u (3, K, J, I); ``inverse`` maps physical to index directions (see above)."""
+    import torch
+
     jac = [[None] * 3 for _ in range(3)]
     for a in range(3):
         for c, dim in enumerate((2, 1, 0)):  # d u_a / d index c (i, j, k), then by the chain rule into b
@@ -84,15 +97,13 @@ def jacobian_determinant(vectors: np.ndarray, index_to_physical_linear: np.ndarr
         for b in range(3):
             jac[a][b] = torch.zeros_like(components[0]) if jac[a][b] is None else jac[a][b]
         jac[a][a].add_(1.0)
-    del components
     (j00, j01, j02), (j10, j11, j12), (j20, j21, j22) = jac
     minor = torch.mul(j11, j22).addcmul_(j12, j21, value=-1)
     det = minor.mul_(j00)
     minor = torch.mul(j10, j22).addcmul_(j12, j20, value=-1)
     det.addcmul_(j01, minor, value=-1)
     torch.mul(j10, j21, out=minor).addcmul_(j11, j20, value=-1)
-    det.addcmul_(j02, minor)
-    return det.numpy()
+    return det.addcmul_(j02, minor)
 
 
 def _difference(volume: "torch.Tensor", dim: int) -> "torch.Tensor":
