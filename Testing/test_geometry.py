@@ -233,3 +233,27 @@ def test_jacobian_on_an_oblique_grid_matches_numpy_gradient():
     by_index = np.stack([np.stack(np.gradient(u[..., a], axis=(2, 1, 0)), -1) for a in range(3)], -2)
     expected = np.linalg.det(np.eye(3) + by_index @ np.linalg.inv(linear))
     np.testing.assert_allclose(metrics.jacobian_determinant(u, linear), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_warping_on_the_field_grid_equals_resampling_through_the_field_transform():
+    field_grid = sitk.Image([14, 12, 10], sitk.sitkFloat32)
+    field_grid.SetSpacing((1.5, 0.8, 2.0))
+    field_grid.SetDirection(ROTATED.flatten().tolist())
+    field_grid.SetOrigin((3.0, -2.0, 1.0))
+    rng = np.random.default_rng(5)
+    u = rng.normal(0, 1.5, (10, 12, 14, 3)) + np.array([2.0, 0.0, 0.0])  # some points fall outside the moving image
+    field = images.displacement_image(u, field_grid, np.float32)
+    moving = sitk.GetImageFromArray(rng.uniform(0, 1, (11, 13, 17)).astype(np.float32))
+    moving.SetSpacing((1.2, 1.1, 1.3))
+    moving.SetDirection(ROTATED.flatten().tolist())
+    moving.SetOrigin((3.0, -2.0, 1.0))
+    labels = sitk.GetImageFromArray(rng.integers(0, 5, (11, 13, 17)).astype(np.int32))
+    labels.CopyInformation(moving)
+    transform = images.field_transform(field)
+    for image, interpolator, fill, pixel in ((moving, sitk.sitkLinear, -7.0, sitk.sitkFloat32),
+                                             (labels, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)):
+        expected = sitk.GetArrayFromImage(sitk.Resample(image, field_grid, transform, interpolator, fill, pixel))
+        warped = images.warp_on_field_grid(image, field, interpolator, fill, pixel)
+        assert warped.GetPixelID() == pixel and images.same_grid(warped, field_grid)
+        np.testing.assert_allclose(sitk.GetArrayFromImage(warped), expected, atol=1e-6)
+        assert (expected == fill).mean() > 0.05 and (expected != fill).mean() > 0.3  # both cases exercised

@@ -191,13 +191,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     inverse_displacement = compose_inverse(inverse_flow, coarse, transform, moving) if inverse else None
 
     clock("warp")
-    field_transform = images.field_transform(displacement)
     fill = background_value(sitk.GetArrayViewFromImage(moving))  # outside the moving image: its background
-    warped = sitk.Resample(moving, fixed, field_transform, sitk.sitkLinear, fill, sitk.sitkFloat32)
+    warped = images.warp_on_field_grid(moving, displacement, sitk.sitkLinear, fill, sitk.sitkFloat32)
     warped_labels = None
     if moving_labels is not None:
-        warped_labels = sitk.Resample(moving_labels, fixed, field_transform, sitk.sitkNearestNeighbor, 0,
-                                      sitk.sitkInt32)
+        warped_labels = images.warp_on_field_grid(moving_labels, displacement, sitk.sitkNearestNeighbor, 0,
+                                                  sitk.sitkInt32)
 
     clock("metrics")
     vectors = sitk.GetArrayViewFromImage(displacement)
