@@ -87,7 +87,9 @@ def test_affine_matrix_maps_points_like_simpleitk():
         np.testing.assert_allclose(m[:3, :3] @ p + m[:3, 3], t.TransformPoint(p), atol=1e-12)
 
 
-def test_dice_hand_values():
+@pytest.mark.parametrize("joint_limit", [1 << 22, 1])  # one joint histogram, or per-map counts (many labels)
+def test_dice_hand_values(joint_limit, monkeypatch):
+    monkeypatch.setattr(metrics, "JOINT_LIMIT", joint_limit)
     a = np.array([0, 1, 1, 2, 2, 2, 3])
     b = np.array([0, 1, 2, 2, 2, 0, 0])
     d = metrics.dice(a, b, [1, 2, 3, 4])

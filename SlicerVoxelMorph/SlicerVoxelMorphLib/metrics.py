@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     import torch
 
 LOOKUP_LIMIT = 1 << 20  # ids below this are compacted through a lookup table, larger ones by binary search
+JOINT_LIMIT = 1 << 22  # Dice from one joint histogram up to this many (label, label) bins (2047 labels)
 
 
 def label_ids(labels: np.ndarray) -> list[int]:
@@ -19,20 +20,22 @@ def label_ids(labels: np.ndarray) -> list[int]:
     return [int(v) for v in np.unique(labels) if v != 0]
 
 
-def compact_labels(labels: np.ndarray, ids: list[int]) -> np.ndarray:
-    """Position + 1 of each voxel's id in ``ids`` (0 for ids not listed), flat int64: lets counts use
-    ``len(ids)`` bins whatever the id values (an id of 6e8 does not ask for gigabytes)."""
+def compact_labels(labels: np.ndarray, ids: list[int], small: bool = False) -> np.ndarray:
+    """Position + 1 of each voxel's id in ``ids`` (0 for ids not listed), flat int64 (with ``small`` the
+    smallest unsigned type that holds len(ids) + 1): lets counts use ``len(ids)`` bins whatever the id
+    values (an id of 6e8 does not ask for gigabytes)."""
     table = np.asarray(sorted(ids), dtype=np.int64)
+    dtype = np.min_scalar_type(table.size) if small else np.int64
     flat = np.asarray(labels).ravel()
     if not table.size:
-        return np.zeros(flat.shape, dtype=np.int64)
+        return np.zeros(flat.shape, dtype=dtype)
     if table[-1] < LOOKUP_LIMIT and table[0] >= 0:  # small ids: one table lookup (fast)
-        lookup = np.zeros(int(table[-1]) + 2, dtype=np.int64)
+        lookup = np.zeros(int(table[-1]) + 2, dtype=dtype)
         lookup[table] = np.arange(1, table.size + 1)
         return lookup[np.clip(flat, 0, table[-1] + 1)]
     flat = flat.astype(np.int64)
     position = np.searchsorted(table, flat).clip(max=table.size - 1)
-    return np.where(table[position] == flat, position + 1, 0)
+    return np.where(table[position] == flat, position + 1, 0).astype(dtype)
 
 
 def label_counts(labels: np.ndarray, ids: list[int]) -> dict[int, int]:
@@ -44,10 +47,14 @@ def label_counts(labels: np.ndarray, ids: list[int]) -> dict[int, int]:
 def dice(a: np.ndarray, b: np.ndarray, ids: list[int]) -> dict[int, float]:
     """Dice coefficient per label id between two label maps (NaN where a label is in neither)."""
     ids = sorted(ids)
-    a, b = compact_labels(a, ids), compact_labels(b, ids)
     bins = len(ids) + 1
-    a_count, b_count = np.bincount(a, minlength=bins), np.bincount(b, minlength=bins)
-    both = np.bincount(np.where(a == b, a, 0), minlength=bins)
+    a, b = compact_labels(a, ids, small=True), compact_labels(b, ids, small=True)
+    if bins * bins <= JOINT_LIMIT:  # one pass: voxel counts of (label in a, label in b)
+        joint = np.bincount(a.astype(np.intp) * bins + b, minlength=bins * bins).reshape(bins, bins)
+        a_count, b_count, both = joint.sum(1), joint.sum(0), np.diagonal(joint)
+    else:
+        a_count, b_count = np.bincount(a, minlength=bins), np.bincount(b, minlength=bins)
+        both = np.bincount(np.where(a == b, a, 0), minlength=bins)
     out = {}
     for n, i in enumerate(ids, start=1):
         denominator = a_count[n] + b_count[n]
