@@ -1,6 +1,9 @@
 """Write a model card (markdown) from a model file's own record, plus measured evaluation rows.
 
     python scripts/model_card.py MODEL.pt CARD.md [--evaluation results.md]
+
+The card is named after CARD (bundled/synth.md: model `synth`, file `synth.pt`); the training command
+is that of the run the file came from (training/<run>/COMMAND, the run's folder name in its record).
 """
 
 import argparse
@@ -50,15 +53,21 @@ LIMITS_SYNTH = """\
   real other-contrast scans or an independent test set."""
 
 
-def render(record: dict, evaluation: str | None) -> str:
-    """The card's markdown text."""
+KNOWN_PAIRS = """\
+  of those, {share:.0%} drawn from one label map (head layers included) and a copy of it deformed by a
+  random smooth field (no affine), each with its own contrast; loss: soft Dice + {weight} x the squared
+  end-point error (voxels at the network level) against that known field inside the fixed head"""
+
+
+def render(name: str, record: dict, evaluation: str | None) -> str:
+    """The card's markdown text for the model called ``name``."""
     t = record["training"]
     c = t["config"]
     v = record.get("validation", {})
     lines = [
-        f"# Model card: {record['name']}",
+        f"# Model card: {name}",
         "",
-        f"File `{record['name']}.pt`, content hash (SHA-256 of the weights, architecture, spacing and "
+        f"File `{name}.pt`, content hash (SHA-256 of the weights, architecture, spacing and "
         f"normalisation) `{record['sha256']}`.",
         "",
         "## Data and split",
@@ -79,7 +88,10 @@ def render(record: dict, evaluation: str | None) -> str:
         "## Training",
         *([f"- {c['synth_fraction']:.0%} of iterations on pairs synthesised from the label maps "
            "(SynthMorph-style; loss: soft Dice of 16 random brain structures + smoothness, no image similarity):",
-           SYNTHESIS, f"- warm start: {c['init_model']}",
+           SYNTHESIS,
+           *([KNOWN_PAIRS.format(share=c["known_fraction"], weight=c["field_weight"])]
+             if c.get("known_fraction") else []),
+           f"- warm start: {c['init_model']}",
            f"- the other {1 - c['synth_fraction']:.0%}: real pairs as below"]
           if c.get("synth_fraction") else []),
         f"- pairs: {c['mode']}-to-scan, {c['atlas_fraction']:.0%} of pairs to the atlas" if c["mode"] == "scan"
@@ -100,6 +112,9 @@ def render(record: dict, evaluation: str | None) -> str:
         *([f"- the same with a synthetic head on both: {v['val_dice_head']:.4f}",
            f"- worst of these (the selection criterion): {v['val_worst']:.4f}"] if "val_worst" in v else []),
         f"- % voxels with det J <= 0 in the brain: {v.get('val_folding_percent', float('nan')):.4f}",
+        *([f"- whole-head proxy (a validation subject with a synthetic head and a copy deformed by a known "
+           f"smooth field, largest 6 mm): mean end-point error inside the head {v['val_head_epe_mm']:.2f} mm"]
+          if "val_head_epe_mm" in v else []),
         "",
     ]
     if evaluation:
@@ -117,7 +132,7 @@ def main() -> None:
     parser.add_argument("--evaluation", help="markdown file with measured results to include")
     args = parser.parse_args()
     evaluation = Path(args.evaluation).read_text() if args.evaluation else None
-    Path(args.card).write_text(render(read_model_file(args.model), evaluation))
+    Path(args.card).write_text(render(Path(args.card).stem, read_model_file(args.model), evaluation))
 
 
 if __name__ == "__main__":
