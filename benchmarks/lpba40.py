@@ -122,8 +122,9 @@ def run_ants(fixed: Path, fixed_labels: Path, image: Path, labels: Path, threads
     return {**json.loads(stdout.strip().splitlines()[-1]), "seconds": seconds, "peak_mb": peak_mb}
 
 
-def ants_worker(fixed_path: str, fixed_labels_path: str, image: str, labels: str) -> None:
-    """The ANTs process: register, warp the labels, print Dice and folding as JSON."""
+def ants_syn(fixed_path: str, image: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
+    """ANTs SyN (antspyx defaults) of ``image`` to ``fixed_path``, labels warped with 'genericLabel':
+    the warped labels and det J of the forward warp, both (K, J, I) on the fixed grid."""
     import ants
 
     fixed, moving = ants.image_read(fixed_path), ants.image_read(image)
@@ -133,9 +134,15 @@ def ants_worker(fixed_path: str, fixed_labels_path: str, image: str, labels: str
     # ants arrays are indexed (i, j, k); SimpleITK's (k, j, i)
     warped = warped_labels.numpy().transpose(2, 1, 0).round().astype(np.int32)
     det = ants.create_jacobian_determinant_image(fixed, out["fwdtransforms"][0]).numpy().transpose(2, 1, 0)
-    fixed_array = sitk.GetArrayFromImage(sitk.ReadImage(fixed_labels_path))
     for path in {*out["fwdtransforms"], *out["invtransforms"]}:
         Path(path).unlink(missing_ok=True)
+    return warped, det
+
+
+def ants_worker(fixed_path: str, fixed_labels_path: str, image: str, labels: str) -> None:
+    """The ANTs process: register, warp the labels, print Dice and folding as JSON."""
+    warped, det = ants_syn(fixed_path, image, labels)
+    fixed_array = sitk.GetArrayFromImage(sitk.ReadImage(fixed_labels_path))
     ids = metrics.label_ids(fixed_array)
     print(json.dumps({"mean_dice": mean_dice(fixed_array, warped, ids),
                       "folding_percent": metrics.folding_percent(det, fixed_array > 0)}))
