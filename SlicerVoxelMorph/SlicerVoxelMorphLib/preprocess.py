@@ -156,7 +156,7 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
     cancelled = []
 
     def report() -> None:
-        if progress is None or cancelled:
+        if cancelled:
             return
         try:
             progress("affine", min(1.0, method.GetOptimizerIteration() / iterations))
@@ -164,7 +164,8 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
             cancelled.append(exc)
             method.StopRegistration()  # the optimiser ends after this iteration
 
-    method.AddCommand(sitk.sitkIterationEvent, report)
+    if progress is not None:  # a Python call each iteration waits for the GIL (torch may be importing)
+        method.AddCommand(sitk.sitkIterationEvent, report)
     try:
         method.Execute(f, m)
     except RuntimeError as exc:  # ITK's own message is many lines; its gist is that the images do not meet
