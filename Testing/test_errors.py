@@ -83,6 +83,23 @@ def test_label_problems_are_named(files, tmp_path, capsys):
                            "--out", str(tmp_path / "o")], "empty")
 
 
+def test_bad_labels_and_smoothness_are_refused_before_the_affine_stage(files, tmp_path, capsys, monkeypatch):
+    from SlicerVoxelMorphLib import preprocess
+
+    def affine_align(*args, **kwargs):
+        raise AssertionError("the affine stage ran before the inputs were checked")
+
+    monkeypatch.setattr(preprocess, "affine_align", affine_align)
+    base = ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out", str(tmp_path / "o")]
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(files["moving_labels"])) + 10
+    labels[labels == 10] = 0
+    reference = sitk.ReadImage(files["moving_labels"])
+    other = _write(tmp_path / "other.nii.gz", to_image(labels.astype(np.int16), reference.GetSpacing(),
+                                                         reference.GetOrigin()))
+    _expect_error(capsys, [*base, "--fixed-labels", files["fixed_labels"], "--moving-labels", other], "share no label")
+    _expect_error(capsys, [*base, "--smoothness", "-1"], "smoothness")
+
+
 def test_unreadable_and_missing_files(files, tmp_path, capsys):
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"not an image at all")

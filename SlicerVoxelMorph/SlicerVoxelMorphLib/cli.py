@@ -116,8 +116,9 @@ def run_register(args: argparse.Namespace) -> None:
     import SimpleITK as sitk
 
     from .files import Background, staged_output
-    from .images import check_image, check_mask, read_image
-    from .preprocess import affine_align, check_scale
+    from .images import read_image
+    from .inputs import check_inputs
+    from .preprocess import affine_align
     from .report import write_report_png
 
     # torch and the network code load in a thread (~2 s) while the inputs are read and affinely aligned
@@ -153,14 +154,15 @@ def run_register(args: argparse.Namespace) -> None:
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
     try:
+        # bad input is refused before the slow stages (register checks it again, for other callers)
+        checked = check_inputs(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                               fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=args.smoothness,
+                               fixed_points=fixed_points, moving_points=moving_points)
         transform, affine_seconds = None, 0.0
         if not args.no_affine:
-            for image, what in ((fixed, "fixed image"), (moving, "moving image")):
-                check_scale(check_image(image, what), what)
             start = time.perf_counter()
-            masks = [check_mask(mask, image, what) if mask else None for mask, image, what in
-                     ((fixed_mask, fixed, "fixed mask"), (moving_mask, moving, "moving mask"))]
-            transform = affine_align(fixed, moving, progress, fixed_mask=masks[0], moving_mask=masks[1])
+            transform = affine_align(fixed, moving, progress, fixed_mask=checked.fixed_mask,
+                                     moving_mask=checked.moving_mask)
             affine_seconds = round(time.perf_counter() - start, 3)
         register = loading.join().register  # the import's own warnings are not the user's business
         if args.threads:

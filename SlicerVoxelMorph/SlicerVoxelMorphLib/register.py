@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from . import images, losses, metrics
 from .devices import pick_device
 from .errors import InputError
+from .inputs import check_inputs
 from .layers import (
     SpatialTransformer,
     affine_on_grid,
@@ -27,7 +28,6 @@ from .preprocess import (
     WORKING_SPACING_MM,
     affine_align,
     background_value,
-    check_scale,
     foreground_mask,
     grid_for,
     level_factor,
@@ -112,32 +112,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     """
     clock = _Clock(progress)
     clock("check")
-    images.check_image(fixed, "fixed image")
-    images.check_image(moving, "moving image")
-    check_scale(fixed, "fixed image")
-    check_scale(moving, "moving image")
-    if (fixed_labels is None) != (moving_labels is None):
-        raise InputError("give both fixed and moving labels, or neither")
-    ids: list[int] = []
-    fixed_ids: list[int] = []
-    moving_ids: list[int] = []
-    if fixed_labels is not None:
-        fixed_labels = images.check_labels(fixed_labels, fixed, "fixed labels")
-        moving_labels = images.check_labels(moving_labels, moving, "moving labels")
-        fixed_ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
-        moving_ids = metrics.label_ids(sitk.GetArrayViewFromImage(moving_labels))
-        ids = sorted(set(fixed_ids) & set(moving_ids))
-        if not ids:
-            raise InputError("fixed and moving label maps share no label")
-    if not (math.isfinite(smoothness) and smoothness > 0):
-        raise InputError(f"smoothness must be a positive number, not {smoothness}")
-    if (fixed_points is None) != (moving_points is None) or (
-            fixed_points is not None and np.shape(fixed_points) != np.shape(moving_points)):
-        raise InputError("landmarks: give fixed and moving points with the same number of rows, matched by row")
-    if fixed_mask is not None:
-        fixed_mask = images.check_mask(fixed_mask, fixed, "fixed mask")
-    if moving_mask is not None:
-        moving_mask = images.check_mask(moving_mask, moving, "moving mask")
+    checked = check_inputs(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                           fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=smoothness,
+                           fixed_points=fixed_points, moving_points=moving_points)
+    fixed_labels, moving_labels = checked.fixed_labels, checked.moving_labels
+    fixed_mask, moving_mask = checked.fixed_mask, checked.moving_mask
+    fixed_ids, moving_ids, ids = checked.fixed_ids, checked.moving_ids, checked.shared_ids
     model_path = resolve_model(model)
     net, record = load_model(model_path) if model_path is not None else (None, {})
     torch_device = pick_device(device)

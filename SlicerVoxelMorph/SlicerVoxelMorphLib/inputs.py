@@ -1,0 +1,60 @@
+"""Checks of a registration's inputs, torch-free, so that the command line can refuse bad input before
+its slow stages (the affine alignment, the torch import) and ``register`` checks the same way."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import images, metrics
+from .errors import InputError
+from .preprocess import check_scale
+
+
+@dataclass
+class CheckedInputs:
+    """Label maps as int32 and masks as uint8 0/1 (None when not given), label ids present in each map."""
+
+    fixed_labels: sitk.Image | None
+    moving_labels: sitk.Image | None
+    fixed_mask: sitk.Image | None
+    moving_mask: sitk.Image | None
+    fixed_ids: list[int]
+    moving_ids: list[int]
+
+    @property
+    def shared_ids(self) -> list[int]:
+        return sorted(set(self.fixed_ids) & set(self.moving_ids))
+
+
+def check_inputs(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image | None = None,
+                 moving_labels: sitk.Image | None = None, fixed_mask: sitk.Image | None = None,
+                 moving_mask: sitk.Image | None = None, smoothness: float = 1.0,
+                 fixed_points: np.ndarray | None = None, moving_points: np.ndarray | None = None) -> CheckedInputs:
+    """Check everything ``register`` is given except the model and device; InputError names the problem."""
+    images.check_image(fixed, "fixed image")
+    images.check_image(moving, "moving image")
+    check_scale(fixed, "fixed image")
+    check_scale(moving, "moving image")
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("give both fixed and moving labels, or neither")
+    fixed_ids: list[int] = []
+    moving_ids: list[int] = []
+    if fixed_labels is not None:
+        fixed_labels = images.check_labels(fixed_labels, fixed, "fixed labels")
+        moving_labels = images.check_labels(moving_labels, moving, "moving labels")
+        fixed_ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
+        moving_ids = metrics.label_ids(sitk.GetArrayViewFromImage(moving_labels))
+        if not set(fixed_ids) & set(moving_ids):
+            raise InputError("fixed and moving label maps share no label")
+    if not (math.isfinite(smoothness) and smoothness > 0):
+        raise InputError(f"smoothness must be a positive number, not {smoothness}")
+    if (fixed_points is None) != (moving_points is None) or (
+            fixed_points is not None and np.shape(fixed_points) != np.shape(moving_points)):
+        raise InputError("landmarks: give fixed and moving points with the same number of rows, matched by row")
+    if fixed_mask is not None:
+        fixed_mask = images.check_mask(fixed_mask, fixed, "fixed mask")
+    if moving_mask is not None:
+        moving_mask = images.check_mask(moving_mask, moving, "moving mask")
+    return CheckedInputs(fixed_labels, moving_labels, fixed_mask, moving_mask, fixed_ids, moving_ids)
