@@ -296,10 +296,10 @@ class Trainer:
                     result.setdefault("folds", []).append(folding)
             if dices:
                 result[f"val_dice_{kind}"] = float(np.mean(dices))
+        errors = [self._head_field_error(s, 2000 + n) for n, s in enumerate(subjects) if s.name in self.val_distance]
         self.net.train()
         if not result:
             return {}
-        errors = [self._head_field_error(s, 2000 + n) for n, s in enumerate(subjects) if s.name in self.val_distance]
         if errors:
             result["val_head_epe_mm"] = float(np.mean(errors))
         folds = result.pop("folds")
