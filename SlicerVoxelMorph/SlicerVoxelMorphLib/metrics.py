@@ -35,7 +35,7 @@ def compact_labels(labels: np.ndarray, ids: list[int], small: bool = False) -> n
         return lookup[np.clip(flat, 0, table[-1] + 1)]
     flat = flat.astype(np.int64)
     position = np.searchsorted(table, flat).clip(max=table.size - 1)
-    return np.where(table[position] == flat, position + 1, 0).astype(dtype)
+    return np.where(table[position] == flat, position + 1, 0).astype(dtype, copy=False)
 
 
 def label_counts(labels: np.ndarray, ids: list[int]) -> dict[int, int]:
