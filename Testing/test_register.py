@@ -9,6 +9,7 @@ import SimpleITK as sitk
 from conftest import deform, phantom, smooth_field, to_image, write_phantom_pair
 from SlicerVoxelMorphLib import images
 from SlicerVoxelMorphLib.cli import main
+from SlicerVoxelMorphLib.preprocess import foreground_mask, grid_for, working_pair
 from SlicerVoxelMorphLib.register import register
 
 
@@ -285,4 +286,17 @@ def test_a_given_affine_is_used_instead_of_the_affine_stage():
     points = images.physical_points(fixed)
     expected = np.array([given.TransformPoint(p) for p in points.reshape(-1, 3)]).reshape(points.shape) - points
     np.testing.assert_allclose(sitk.GetArrayFromImage(result.displacement), expected, atol=1e-4)
+    assert result.report["affine_matrix_lps"] == images.affine_matrix(given).round(6).tolist()
+
+
+def test_a_working_pair_brings_its_affine_and_is_rebuilt_for_another_network_spacing():
+    array, _ = phantom()
+    fixed = to_image(array, spacing=(1.0, 1.1, 0.9), origin=(10.0, -5.0, 3.0))
+    given = sitk.AffineTransform(3)
+    given.SetTranslation((1.5, -2.0, 0.7))
+    stale = working_pair(fixed, fixed, given, 8.0)  # sized for an 8 mm network level; no model works at 2 mm
+    expected = grid_for(fixed, foreground_mask(fixed), 2.0)
+    assert stale.grid.GetSize() != expected.GetSize()
+    result = register(fixed, fixed, model="none", working=stale, auto_refine=False, refine_steps=1)
+    assert result.report["working_grid"]["size"] == list(expected.GetSize())
     assert result.report["affine_matrix_lps"] == images.affine_matrix(given).round(6).tolist()

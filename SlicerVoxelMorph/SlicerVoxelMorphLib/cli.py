@@ -113,57 +113,50 @@ def run_register(args: argparse.Namespace) -> None:
     import time
     import warnings
 
-    import SimpleITK as sitk
-
     from .files import Background, staged_output
-    from .images import read_image
-    from .inputs import check_inputs
-    from .preprocess import affine_align
-    from .report import write_report_png
 
-    # torch and the network code load in a thread (~2 s) while the inputs are read and affinely aligned
-    loading = Background(importlib.import_module, f"{__package__}.register")
-    out = Path(args.out)
-    if args.threads:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    names = read_label_names(args.label_names)
-    fixed = read_image(args.fixed, "fixed image")
-    moving = read_image(args.moving, "moving image")
-    fixed_labels = read_image(args.fixed_labels, "fixed labels") if args.fixed_labels else None
-    moving_labels = read_image(args.moving_labels, "moving labels") if args.moving_labels else None
-    fixed_points = moving_points = None
-    if args.fixed_points or args.moving_points:
-        from .apply import read_points
-
-        fixed_points = read_points(args.fixed_points, args.ras) if args.fixed_points else None
-        moving_points = read_points(args.moving_points, args.ras) if args.moving_points else None
-    fixed_mask = read_image(args.fixed_mask, "fixed mask") if args.fixed_mask else None
-    moving_mask = read_image(args.moving_mask, "moving mask") if args.moving_mask else None
-    check_output(out, args.overwrite)
-    refine_steps = args.refine if args.refine is not None else (0 if args.model != "none" else 100)
-    bar = _progress_bar(args.quiet, total=100, leave=False, bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}")
-
-    def show(stage: str, fraction: float) -> None:
-        bar.set_description_str(stage)
-        bar.n = round(100 * fraction)
-        bar.refresh()
-
-    progress = None if bar.disable else show  # no bar (quiet, or not a terminal): no callbacks either
-    # while torch imports, a shorter GIL switch interval lets the main thread's Python steps between ITK
-    # calls run sooner
+    # torch and the network code load in a thread (~2 s) while the inputs are read, checked, affinely aligned
+    # and prepared for the network; meanwhile a shorter GIL switch interval lets the main thread's Python
+    # steps between ITK calls run sooner
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
+    loading = Background(importlib.import_module, f"{__package__}.register")
+    bar = None
     try:
-        # bad input is refused before the slow stages (register checks it again, for other callers)
-        checked = check_inputs(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                               fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=args.smoothness,
-                               fixed_points=fixed_points, moving_points=moving_points)
-        transform, affine_seconds = None, 0.0
+        import SimpleITK as sitk
+
+        from .inputs import check_inputs
+        from .preprocess import NETWORK_SPACING_MM, affine_align, working_pair
+        from .report import write_report_png
+
+        out = Path(args.out)
+        if args.threads:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+        names = read_label_names(args.label_names)
+        inputs = _read_register_inputs(args)
+        check_output(out, args.overwrite)
+        refine_steps = args.refine if args.refine is not None else (0 if args.model != "none" else 100)
+        bar = _progress_bar(args.quiet, total=100, leave=False,
+                            bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}")
+
+        def show(stage: str, fraction: float) -> None:
+            bar.set_description_str(stage)
+            bar.n = round(100 * fraction)
+            bar.refresh()
+
+        progress = None if bar.disable else show  # no bar (quiet, or not a terminal): no callbacks either
+        # bad input is refused before the slow stages (register would check it too)
+        checked = check_inputs(**inputs, smoothness=args.smoothness)
+        fixed, moving = inputs["fixed"], inputs["moving"]
+        start = time.perf_counter()
+        transform = sitk.AffineTransform(3)
         if not args.no_affine:
-            start = time.perf_counter()
             transform = affine_align(fixed, moving, progress, fixed_mask=checked.fixed_mask,
                                      moving_mask=checked.moving_mask)
-            affine_seconds = round(time.perf_counter() - start, 3)
+        affine_seconds = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        working = working_pair(fixed, moving, transform, NETWORK_SPACING_MM, checked.fixed_mask, checked.moving_mask)
+        resample_seconds = round(time.perf_counter() - start, 3)
         register = loading.join().register  # the import's own warnings are not the user's business
         if args.threads:
             import torch
@@ -172,16 +165,16 @@ def run_register(args: argparse.Namespace) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _one_line_warning
-            result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                              label_names=names, model=args.model, device=args.device, refine_steps=refine_steps,
-                              accurate=args.accurate, similarity=args.similarity, auto_refine=not args.no_auto_refine,
-                              affine=not args.no_affine, affine_transform=transform, inverse=args.inverse,
-                              fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=args.smoothness,
-                              fixed_points=fixed_points, moving_points=moving_points, progress=progress)
+            result = register(**inputs, label_names=names, model=args.model, device=args.device,
+                              refine_steps=refine_steps, accurate=args.accurate, similarity=args.similarity,
+                              auto_refine=not args.no_auto_refine, affine=not args.no_affine, inverse=args.inverse,
+                              smoothness=args.smoothness, progress=progress, checked=checked, working=working)
     finally:
         sys.setswitchinterval(switch_interval)
-        bar.close()
-    seconds = {**result.report["seconds"], "affine": affine_seconds}
+        if bar is not None:
+            bar.close()
+    seconds = result.report["seconds"]  # the stages done here, before register, add to its own
+    seconds = {**seconds, "affine": affine_seconds, "resample": round(seconds["resample"] + resample_seconds, 3)}
     result.report["seconds"] = {**seconds, "total": round(sum(v for k, v in seconds.items() if k != "total"), 3)}
     images_level, fields_level = COMPRESSION[args.compression]
     report = {"fixed": str(args.fixed), "moving": str(args.moving), **result.report}
@@ -212,6 +205,26 @@ def run_register(args: argparse.Namespace) -> None:
         print(f"{summary}folding {report['folding_percent']:.4f} %, {report['seconds']['total']:.1f} s "
               f"on {report['device']}; results in {out}")
 
+
+def _read_register_inputs(args: argparse.Namespace) -> dict:
+    """The images, label maps, landmarks and masks ``register`` is given, by its keyword names, read in that order."""
+    from .images import read_image
+
+    inputs = {"fixed": read_image(args.fixed, "fixed image"), "moving": read_image(args.moving, "moving image")}
+    for name in ("fixed_labels", "moving_labels"):
+        path = getattr(args, name)
+        inputs[name] = read_image(path, name.replace("_", " ")) if path else None
+    inputs["fixed_points"] = inputs["moving_points"] = None
+    if args.fixed_points or args.moving_points:
+        from .apply import read_points
+
+        for name in ("fixed_points", "moving_points"):
+            path = getattr(args, name)
+            inputs[name] = read_points(path, args.ras) if path else None
+    for name in ("fixed_mask", "moving_mask"):
+        path = getattr(args, name)
+        inputs[name] = read_image(path, name.replace("_", " ")) if path else None
+    return inputs
 
 def _write_images(named: list, folder: Path, compression: int) -> None:
     """Write each (image or None, file name) pair into ``folder``."""

@@ -7,6 +7,7 @@ spacing or extent), the outside filled with the image's own background level, th
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,6 +25,9 @@ AFFINE_SMOOTHING_MM = 2.0  # Gaussian sigma of the affine stage
 # 0.7200 with every voxel (1.28 s), 0.7207 with a quarter (0.50 s), 0.7182 with a tenth (0.27 s)
 AFFINE_SAMPLING = 0.25
 MIN_EXTENT_MM = 32.0  # the working grid is 1 mm and the network pools 32x: smaller anatomy is refused
+# the network level of the bundled models (and of refinement without a model): the command line prepares
+# the pair for it while torch imports; ``register`` rebuilds it for a model of another spacing
+NETWORK_SPACING_MM = 2.0
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -116,6 +120,36 @@ def prepare(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | Non
     if not inside.any():                                                             # a temporary
         raise InputError("a mask covers no voxel of the working region (after the affine pre-alignment)")
     return scale_to_window(array, *intensity_window(array[inside])) * inside
+
+
+@dataclass
+class WorkingPair:
+    """A pair on its working grid as the network sees it (``prepare``), and what it was built from."""
+
+    spacing_mm: float  # the network level the grid was sized for
+    transform: sitk.Transform  # the affine pre-alignment (fixed points to moving points)
+    grid: sitk.Image
+    fixed_foreground: np.ndarray  # (K, J, I) bool on the fixed image's own grid: the working region
+    fixed: np.ndarray  # (K, J, I) float32 on the grid, as are the others
+    moving: np.ndarray
+    fixed_mask: np.ndarray | None  # 0/1
+    moving_mask: np.ndarray | None
+
+
+def working_pair(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, spacing_mm: float,
+                 fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None) -> WorkingPair:
+    """The working grid around the fixed foreground (or ``fixed_mask``) for a network level of
+    ``spacing_mm``, both images prepared on it (the moving one through ``transform``) and the masks
+    resampled onto it."""
+    if fixed_mask is not None:
+        foreground = sitk.GetArrayFromImage(fixed_mask) > 0
+    else:
+        foreground = foreground_mask(fixed)
+    grid = grid_for(fixed, foreground, spacing_mm)
+    masks = [None if mask is None else sitk.GetArrayFromImage(resample(mask, grid, t, labels=True)).astype(np.float32)
+             for mask, t in ((fixed_mask, None), (moving_mask, transform))]
+    return WorkingPair(spacing_mm, transform, grid, foreground, prepare(fixed, grid, None, fixed_mask),
+                       prepare(moving, grid, transform, moving_mask), *masks)
 
 
 def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import images, losses, metrics
 from .devices import pick_device
 from .errors import InputError
-from .inputs import check_inputs
+from .inputs import CheckedInputs, check_inputs
 from .layers import (
     SpatialTransformer,
     affine_on_grid,
@@ -26,13 +26,12 @@ from .layers import (
 from .models import load_model, resolve_model, versions
 from .preprocess import (
     WORKING_SPACING_MM,
+    WorkingPair,
     affine_align,
     background_value,
     foreground_mask,
-    grid_for,
     level_factor,
-    prepare,
-    resample,
+    working_pair,
 )
 from .refine import Refiner, mind_ssc
 
@@ -92,7 +91,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
              affine_transform: sitk.AffineTransform | None = None, inverse: bool = False,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None, smoothness: float = 1.0,
              fixed_points: np.ndarray | None = None, moving_points: np.ndarray | None = None,
-             progress: Callable[[str, float], None] | None = None) -> RegistrationResult:
+             progress: Callable[[str, float], None] | None = None, checked: CheckedInputs | None = None,
+             working: WorkingPair | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
     Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model) or ``refine_steps`` steps with
@@ -104,17 +104,20 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     Landmarks ``fixed_points`` / ``moving_points`` (N x 3, LPS mm, matched by row) give the target
     registration error before (identity) and after, per point and mean, in the report.
     ``affine_transform``: the affine already found for this pair (``preprocess.affine_align``, fixed to
-    moving points), used instead of the affine stage (whatever ``affine`` says). The result lives on the
-    fixed image's grid; with ``inverse`` also the inverse field on the moving image's grid (velocity
-    integrated backwards, inverse affine). ``progress(stage, fraction)`` is called often; it may raise
-    ``errors.Cancelled`` to stop.
+    moving points), used instead of the affine stage (whatever ``affine`` says). Callers that did the
+    torch-free stages already (the command line, while torch imports) hand over ``checked``
+    (``inputs.check_inputs`` of these inputs) and ``working`` (``preprocess.working_pair`` of these
+    images and the checked masks): its transform replaces the affine stage, and it is rebuilt when its
+    spacing is not the model's. The result lives on the fixed image's grid; with ``inverse`` also the
+    inverse field on the moving image's grid (velocity integrated backwards, inverse affine).
+    ``progress(stage, fraction)`` is called often; it may raise ``errors.Cancelled`` to stop.
     Bad input raises ``errors.InputError``.
     """
     clock = _Clock(progress)
     clock("check")
-    checked = check_inputs(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                           fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=smoothness,
-                           fixed_points=fixed_points, moving_points=moving_points)
+    checked = checked or check_inputs(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                                      fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=smoothness,
+                                      fixed_points=fixed_points, moving_points=moving_points)
     fixed_labels, moving_labels = checked.fixed_labels, checked.moving_labels
     fixed_mask, moving_mask = checked.fixed_mask, checked.moving_mask
     fixed_ids, moving_ids, ids = checked.fixed_ids, checked.moving_ids, checked.shared_ids
@@ -123,8 +126,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     torch_device = pick_device(device)
 
     clock("affine")
-    if affine_transform is not None:
-        transform = affine_transform
+    given = working.transform if working is not None else affine_transform
+    if given is not None:
+        transform = given
     elif affine:
         transform = affine_align(fixed, moving, clock.progress, fixed_mask=fixed_mask, moving_mask=moving_mask)
     else:
@@ -133,15 +137,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     clock("resample")
     spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
     factor = level_factor(spacing)
-    fixed_foreground = foreground_mask(fixed)
-    if fixed_mask is not None:
-        fixed_foreground = sitk.GetArrayViewFromImage(fixed_mask) > 0
-    grid = grid_for(fixed, fixed_foreground, spacing)
-    f = torch.from_numpy(prepare(fixed, grid, None, fixed_mask))[None, None]
-    m = torch.from_numpy(prepare(moving, grid, transform, moving_mask))[None, None]
-    masks = [None if mask is None else torch.from_numpy(sitk.GetArrayFromImage(resample(mask, grid, t, labels=True))
-                                                        .astype(np.float32))[None, None]
-             for mask, t in ((fixed_mask, None), (moving_mask, transform))]
+    if working is None or working.spacing_mm != spacing:
+        working = working_pair(fixed, moving, transform, spacing, fixed_mask, moving_mask)
+    grid, fixed_foreground = working.grid, working.fixed_foreground
+    f, m = (torch.from_numpy(a)[None, None] for a in (working.fixed, working.moving))
+    masks = [None if a is None else torch.from_numpy(a)[None, None] for a in (working.fixed_mask, working.moving_mask)]
 
     def preset(values: dict) -> dict:
         return {**values, "smooth_weight": values["smooth_weight"] * smoothness, "similarity": similarity}
