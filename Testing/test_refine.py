@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from conftest import phantom, write_phantom_pair
 from SlicerVoxelMorphLib import metrics
@@ -15,6 +16,7 @@ from SlicerVoxelMorphLib.models import save_model
 from SlicerVoxelMorphLib.networks import VxmDense
 from SlicerVoxelMorphLib.preprocess import normalise
 from SlicerVoxelMorphLib.refine import Refiner, choose_similarity, mind_ssc
+from SlicerVoxelMorphLib.register import alignment
 
 
 def _pair(invert: bool = False):
@@ -101,3 +103,18 @@ def test_a_network_worse_than_the_affine_is_caught_and_refined(tmp_path, capsys)
     safe = json.loads((tmp_path / "safe" / "report.json").read_text())
     assert safe["auto_refined"] and safe["alignment"]["refined"] < safe["alignment"]["network"]
     assert safe["mean_dice_after"] > raw["mean_dice_after"] + 0.1
+
+
+def test_alignment_check_matches_scipy_on_its_lattice():
+    rng = np.random.default_rng(3)
+    shape = (12, 14, 10)
+    source = ndimage.gaussian_filter(rng.random((2, *shape)), (0, 2, 2, 2)).astype(np.float32)
+    target = ndimage.gaussian_filter(rng.random((2, *shape)), (0, 2, 2, 2)).astype(np.float32)
+    flow = (3 * ndimage.gaussian_filter(rng.standard_normal((3, *shape)), (0, 3, 3, 3))).astype(np.float32)
+    result = alignment(*(torch.from_numpy(a)[None] for a in (source, target, flow)), stride=2)
+    lattice = np.mgrid[0:12:2, 0:14:2, 0:10:2].astype(np.float32)  # (3, 6, 7, 5) voxel indices along D, H, W
+    where = lattice + flow[:, ::2, ::2, ::2]
+    warped = np.stack([ndimage.map_coordinates(c, where, order=1, mode="nearest") for c in source])
+    lattice_target = target[:, ::2, ::2, ::2]
+    assert abs(result["network"] - ((lattice_target - warped) ** 2).mean()) < 1e-5
+    assert abs(result["affine_only"] - ((lattice_target - source[:, ::2, ::2, ::2]) ** 2).mean()) < 1e-5
