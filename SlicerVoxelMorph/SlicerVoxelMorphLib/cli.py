@@ -226,6 +226,7 @@ def _read_register_inputs(args: argparse.Namespace) -> dict:
         inputs[name] = read_image(path, name.replace("_", " ")) if path else None
     return inputs
 
+
 def _write_images(named: list, folder: Path, compression: int) -> None:
     """Write each (image or None, file name) pair into ``folder``."""
     from .images import write_image
