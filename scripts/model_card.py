@@ -49,6 +49,8 @@ LIMITS_SYNTH = """\
   contrasts and heads are synthetic. Real T2/FLAIR scans, children, large lesions (use a mask) and
   strong atrophy were not in training: check the result, and use `--accurate` when in doubt.
 - The network sees images at 2 mm and predicts a velocity at 4 mm.
+- Two scans of the same head (follow-up, a deformed copy): the network alone does not recover their
+  fine deformation and the safety net does not notice (whole-head proxy above); use `--accurate`.
 - The figures above are on LPBA40 validation subjects with remapped contrasts and synthetic heads, not on
   real other-contrast scans or an independent test set."""
 
