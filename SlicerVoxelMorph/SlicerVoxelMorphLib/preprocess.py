@@ -113,11 +113,22 @@ def prepare(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | Non
     With a ``mask`` (on the image's grid) the intensity window comes from the voxels inside it and
     everything outside is set to 0, so what the mask hides changes nothing.
     """
+    inside = None if mask is None else mask_on_grid(mask, grid, transform) > 0
+    return _prepared(image, grid, transform, inside)
+
+
+def mask_on_grid(mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+    """A mask (on its image's grid) on the working grid through ``transform``: float32 0/1, (K, J, I)."""
+    return sitk.GetArrayFromImage(resample(mask, grid, transform, labels=True)).astype(np.float32)
+
+
+def _prepared(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None,
+              inside: np.ndarray | None) -> np.ndarray:
+    """``prepare`` with the mask already on the grid (``inside``, bool, or None)."""
     array = sitk.GetArrayFromImage(resample(image, grid, transform))
-    if mask is None:
+    if inside is None:
         return normalise(array)
-    inside = sitk.GetArrayFromImage(resample(mask, grid, transform, labels=True)) > 0  # a copy: the image is
-    if not inside.any():                                                             # a temporary
+    if not inside.any():
         raise InputError("a mask covers no voxel of the working region (after the affine pre-alignment)")
     return scale_to_window(array, *intensity_window(array[inside])) * inside
 
@@ -146,10 +157,11 @@ def working_pair(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfor
     else:
         foreground = foreground_mask(fixed)
     grid = grid_for(fixed, foreground, spacing_mm)
-    masks = [None if mask is None else sitk.GetArrayFromImage(resample(mask, grid, t, labels=True)).astype(np.float32)
+    masks = [None if mask is None else mask_on_grid(mask, grid, t)  # each resampled once, for both uses
              for mask, t in ((fixed_mask, None), (moving_mask, transform))]
-    return WorkingPair(spacing_mm, transform, grid, foreground, prepare(fixed, grid, None, fixed_mask),
-                       prepare(moving, grid, transform, moving_mask), *masks)
+    fixed_array, moving_array = (_prepared(image, grid, t, None if mask is None else mask > 0)
+                                 for image, t, mask in ((fixed, None, masks[0]), (moving, transform, masks[1])))
+    return WorkingPair(spacing_mm, transform, grid, foreground, fixed_array, moving_array, *masks)
 
 
 def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
