@@ -148,3 +148,27 @@ def test_a_known_pair_shows_one_label_map_under_its_known_flow_in_two_contrasts(
     means = [[image[structures == s].mean().item() for s in range(1, 4)]
              for image, structures in ((m_image, m_structures), (f_image, f_structures))]
     assert np.abs(np.subtract(*means)).max() > 0.1
+
+
+def test_a_rescan_pair_is_one_image_under_its_known_flow_and_scores_the_head():
+    from scipy.ndimage import map_coordinates
+
+    subject, labels = _subject()
+    image = torch.from_numpy(phantom((32, 32, 32), seed=0)[0].astype(np.float32))[None, None]
+    soft = torch.from_numpy((labels[None, None] == 2).astype(np.float32))
+    pairs = [variants.rescan_pair(image / image.max(), subject.distance, soft, np.random.default_rng(seed), 1.0)
+             for seed in range(12)]
+    again = variants.rescan_pair(image / image.max(), subject.distance, soft, np.random.default_rng(3), 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(pairs[3], again, strict=True))  # seeded
+    for moving, fixed, m_soft, f_soft, flow, head in pairs:
+        assert flow.abs().max() > 0.3  # not a trivial field
+        # fixed(x) = moving(x + flow(x)) (voxels along D, H, W), by scipy's linear sampling, away from the border
+        index = np.indices((32, 32, 32)) + flow[0].numpy()
+        inner = (slice(4, -4),) * 3
+        for a, b in ((moving, fixed), (m_soft, f_soft)):
+            expected = map_coordinates(a[0, 0].numpy(), index, order=1, mode="nearest")
+            np.testing.assert_allclose(b[0, 0].numpy()[inner], expected[inner], atol=1e-4)
+        # the scored region covers the fixed brain (structure 2 included) and is the whole head with head layers
+        assert head[0, 0][f_soft[0, 0] > 0.5].all()
+    sizes = [int(p[5].sum()) for p in pairs]
+    assert max(sizes) > 1.3 * min(sizes)  # with head layers the scored region grows beyond the brain

@@ -168,3 +168,20 @@ def test_known_pairs_train_without_image_similarity_and_validation_scores_the_he
     errors = [float(r["val_head_epe_mm"]) for r in rows if r["val_head_epe_mm"]]
     # a barely trained network moves little: the error is about the known field's mean size (largest 6 mm)
     assert errors and all(0.3 < e < 6 for e in errors)
+
+
+def test_rescan_pairs_train_on_the_known_field_and_need_labels_and_a_field_weight(tmp_path, capsys):
+    images, labels = _dataset(tmp_path)
+    _train(images, labels, tmp_path / "rescan", "--rescan-fraction", "1", "--field-weight", "0.5")
+    rows = list(csv.DictReader(open(tmp_path / "rescan" / "log.csv")))
+    assert all(r["rescan"] == "1" and r["synthetic"] == "0" and r["ncc"] == "" for r in rows)
+    assert all(float(r["field"]) > 0 and r["dice"] != "" for r in rows)  # end-point error and label overlap
+    base = ["train", "--images", str(images), "--val-subjects", "S3", "--iterations", "2", "--device", "cpu",
+            "--quiet", "--rescan-fraction", "0.5"]
+    assert main([*base, "--labels", str(labels), "--out", str(tmp_path / "a")]) == 2
+    assert "--field-weight" in capsys.readouterr().err
+    assert main([*base, "--field-weight", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "--labels" in capsys.readouterr().err
+    assert main([*base, "--labels", str(labels), "--field-weight", "1", "--synth-fraction", "0.7",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--rescan-fraction" in capsys.readouterr().err

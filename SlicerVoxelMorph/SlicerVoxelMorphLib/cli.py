@@ -389,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "it, each with its own contrast, so that their deformation is known (default 0)")
     t.add_argument("--field-weight", type=float,
                    help="weight of the squared end-point error against a known pair's deformation (default 0)")
+    t.add_argument("--rescan-fraction", type=float,
+                   help="share of iterations on a real training image and a copy of it under a known random "
+                        "deformation (two scans of one head, with or without skull), scored by --field-weight "
+                        "(default 0)")
     t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")

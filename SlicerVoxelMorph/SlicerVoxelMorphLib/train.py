@@ -54,6 +54,7 @@ class TrainConfig:
     synth_fraction: float = 0.0  # share of iterations on image pairs synthesised from the label maps
     known_fraction: float = 0.0  # of those, the share drawn from one label map and a deformed copy of it
     field_weight: float = 0.0  # weight of the squared end-point error against a known pair's deformation
+    rescan_fraction: float = 0.0  # share of iterations on a real image and a deformed copy (variants.rescan_pair)
     init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
@@ -94,12 +95,14 @@ def augment_pair(moving: torch.Tensor, fixed: torch.Tensor, moving_soft: torch.T
     moving = F.grid_sample(moving, grid, align_corners=True, padding_mode="border")
     if moving_soft is not None:
         moving_soft = F.grid_sample(moving_soft, grid, align_corners=True)
-    out = []
-    for image in (moving, fixed):
-        image = image.clamp(0, 1) ** float(np.exp(rng.uniform(-0.2, 0.2)))
-        noise = torch.from_numpy(rng.normal(0, 0.01, image.shape).astype(np.float32))
-        out.append((image + noise).clamp(0, 1))
-    return out[0], out[1], moving_soft
+    return jitter(moving, rng), jitter(fixed, rng), moving_soft
+
+
+def jitter(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random gamma and a little noise on an image in [0, 1]."""
+    image = image.clamp(0, 1) ** float(np.exp(rng.uniform(-0.2, 0.2)))
+    noise = torch.from_numpy(rng.normal(0, 0.01, image.shape).astype(np.float32))
+    return (image + noise).clamp(0, 1)
 
 
 class Trainer:
@@ -141,6 +144,11 @@ class Trainer:
             raise InputError(f"--known-fraction must be in [0, 1], not {c.known_fraction}")
         if c.known_fraction > 0 and c.synth_fraction == 0:
             raise InputError("--known-fraction is a share of the synthesised pairs: give --synth-fraction too")
+        if not 0 <= c.rescan_fraction <= 1 - c.synth_fraction:
+            raise InputError(f"--rescan-fraction must be in [0, 1 - synth fraction], not {c.rescan_fraction}")
+        if c.rescan_fraction > 0 and (not c.labels or c.field_weight <= 0):
+            raise InputError("rescan pairs (--rescan-fraction > 0) need training label maps (--labels, for the brain "
+                             "outline) and --field-weight > 0 (their loss)")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
             raise InputError("synthesis (--synth-fraction > 0) trains on label overlap: --dice-weight must be > 0")
         if not c.images:
@@ -184,15 +192,19 @@ class Trainer:
         atlas, atlas_synthetic = load([c.atlas], [c.atlas_labels] if c.atlas_labels else None) if c.atlas else ([], [])
         self.atlas = atlas[0] if atlas else None
         self.synth_subjects += atlas_synthetic
-        # outside-brain distance at the network level, for the validation variant with a head
+        # outside-brain distance at the network level, for the head variant and rescan pairs
         self.val_distance = {g.name: downsample(g.distance, self.factor) for g in val_synthetic + atlas_synthetic}
+        self.train_distance = {g.name: downsample(g.distance, self.factor) for g in self.synth_subjects}
 
     def sample(self, iteration: int) -> tuple[torch.Tensor, ...]:
         """The training pair of an iteration, reproducible from (seed, iteration)."""
         c = self.config
         rng = np.random.default_rng([c.seed, iteration])
-        if c.synth_fraction > 0 and rng.random() < c.synth_fraction:
+        draw = rng.random() if c.synth_fraction + c.rescan_fraction > 0 else 1.0  # no draw: older runs' streams
+        if draw < c.synth_fraction:
             return self.sample_synthetic(rng)
+        if draw < c.synth_fraction + c.rescan_fraction:
+            return self.sample_rescan(rng)
         pool = self.train_subjects
         moving = pool[rng.integers(len(pool))]
         if self.atlas is not None and (c.mode == "atlas" or rng.random() < c.atlas_fraction):
@@ -211,6 +223,19 @@ class Trainer:
         if c.augment:
             m_image, f_image, m_soft = augment_pair(m_image, f_image, m_soft, rng)
         return m_image, f_image, m_soft, f_soft, None, "real"
+
+    def sample_rescan(self, rng: np.random.Generator) -> tuple:
+        """A real training image and a copy of it under a known deformation (``variants.rescan_pair``), each
+        with its own gamma and noise; scored by the end-point error inside the fixed head and by label overlap."""
+        pool = [s for s in self.train_subjects if s.name in self.train_distance]
+        subject = pool[rng.integers(len(pool))]
+        n = min(self.config.dice_labels_per_iteration, len(self.label_set))
+        chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)))
+        moving, fixed, m_soft, f_soft, flow, head = variants.rescan_pair(
+            subject.image, self.train_distance[subject.name], subject.soft_labels[:, chosen].float() / 255, rng,
+            self.config.spacing_mm)
+        moving, fixed = (jitter(image, rng) for image in (moving, fixed))
+        return moving, fixed, m_soft, f_soft, torch.cat([flow, head.float()], dim=1), "rescan"
 
     def sample_synthetic(self, rng: np.random.Generator) -> tuple:
         """A pair synthesised from two label maps (the same one with probability 0.2), one-hot maps of
@@ -238,7 +263,7 @@ class Trainer:
     def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         """One optimisation step; returns the loss terms."""
         c = self.config
-        *tensors, kind = batch  # "real", "synthetic" or "known" (label overlap, plus the known flow)
+        *tensors, kind = batch  # "real", "synthetic", or "known" and "rescan" (label overlap, plus the known flow)
         use_similarity = kind == "real"
         moving, fixed, m_soft, f_soft, known = (t.to(self.device) if t is not None else None for t in tensors)
         amp = self.device.type == "cuda"
@@ -246,7 +271,8 @@ class Trainer:
             warped, flow, velocity = self.net(moving, fixed)
         smooth = losses.grad(velocity.float())
         loss = c.smooth_weight * smooth
-        terms = {"smooth": smooth.item(), "synthetic": int(kind != "real")}
+        terms = {"smooth": smooth.item(), "synthetic": int(kind in ("synthetic", "known")),
+                 "rescan": int(kind == "rescan")}
         if use_similarity:
             similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
             loss = loss + similarity
@@ -433,7 +459,8 @@ class Trainer:
 
 
 MAX_LABEL_BYTES = 4e9  # one-hot label maps of all subjects, uint8 at the training spacing
-LOG_COLUMNS = ["iteration", "seconds", "synthetic", "loss", "ncc", "smooth", "dice", "field", "val_dice", "val_worst",
+LOG_COLUMNS = ["iteration", "seconds", "synthetic", "rescan", "loss", "ncc", "smooth", "dice", "field", "val_dice",
+               "val_worst",
                *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent", "val_head_epe_mm"]
 HEAD_FIELD_MM = 6.0  # largest displacement inside the head of the whole-head validation proxy
 RESUMABLE_CHANGES = {"iterations", "val_every", "checkpoint_every"}  # settings a resumed run may change

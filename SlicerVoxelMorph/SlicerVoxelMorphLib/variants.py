@@ -1,8 +1,9 @@
-"""Validation variants of a T1 brain image: remapped contrasts and a synthetic head around it.
+"""Variants of a real T1 brain image: remapped contrasts, a synthetic head around it, a rescan.
 
-Each variant is a fixed, seeded function of one normalised image, so validation figures are
-comparable across checkpoints and models: they measure generalisation to other contrasts and to
-images with skull and scalp, not to the training set's appearance.
+Each validation variant is a fixed, seeded function of one normalised image, so validation figures
+are comparable across checkpoints and models: they measure generalisation to other contrasts and to
+images with skull and scalp, not to the training set's appearance. ``rescan_pair`` draws a training
+pair from one image: the same head twice, the second under a known random smooth deformation.
 """
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .preprocess import normalise
-from .synth import blur, tissue_centres
+from .synth import Synthesiser, SynthSettings, blur, flow_of_grid, tissue_centres
 
 CONTRASTS = ("inverted", "t2", "flair", "monotone", "nonmonotone")
 VARIANTS = ("plain", *CONTRASTS, "head")
@@ -75,3 +76,35 @@ def variant(image: np.ndarray, kind: str, distance_mm: np.ndarray | None = None,
             raise ValueError("the head variant needs the distance outside the brain")
         return add_head(image, distance_mm, seed, voxel_mm=voxel_mm)
     return remap_contrast(image, kind, seed)
+
+
+# rescans: a small residual affine (the registration's affine stage removes the rest) and a smooth deformation
+RESCAN_DEFORMATION = SynthSettings(rotation_deg=2.0, scale=0.02, shear=0.01, shift=0.01, velocity_sd=2.0)
+RESCAN_HEAD_PROBABILITY = 0.5  # draw head layers of random thickness and brightness around the brain
+RESCAN_CONTRAST_PROBABILITY = 0.3  # remap both scans' contrast the same way
+
+
+def rescan_pair(image: torch.Tensor, distance_mm: torch.Tensor, soft_labels: torch.Tensor | None,
+                rng: np.random.Generator, voxel_mm: float) -> tuple[torch.Tensor, ...]:
+    """Two scans of one head whose deformation is known: ``image`` (1, 1, D, H, W), normalised, skull-stripped,
+    with head layers of random thickness and brightness drawn around the brain or not, and its contrast
+    remapped or not; the fixed scan is the moving one under a random smooth deformation (small affine
+    included). ``distance_mm`` is the distance outside the brain on the same grid. Returns (moving, fixed,
+    moving soft labels, fixed soft labels, flow, fixed head): flow (1, 3, D, H, W) in voxels along D, H, W
+    with fixed(x) = moving(x + flow(x)); fixed head (1, 1, D, H, W) bool, where the flow is scored."""
+    array, distance = image[0, 0].numpy(), distance_mm[0, 0].numpy()
+    extent_mm = voxel_mm / 2  # skull-stripped: the brain, up to the resampled mask's blur
+    if rng.random() < RESCAN_HEAD_PROBABILITY:
+        layers = tuple(float(t) for t in rng.uniform(1.0, 8.0, 3))
+        brightness = tuple(float(v) for v in rng.uniform(0, 1, 3))
+        array = add_head(array, distance, int(rng.integers(2**31)), layers, brightness, voxel_mm)
+        extent_mm = sum(layers)
+    if rng.random() < RESCAN_CONTRAST_PROBABILITY:
+        array = remap_contrast(array, CONTRASTS[rng.integers(len(CONTRASTS))], int(rng.integers(2**31)))
+    moving = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    grid = Synthesiser(RESCAN_DEFORMATION).deformation(rng, tuple(array.shape))
+    fixed = F.grid_sample(moving, grid, align_corners=False, padding_mode="border")
+    head = (distance_mm < extent_mm).float()
+    fixed_head = F.grid_sample(head, grid, align_corners=False) > 0.5
+    fixed_soft = None if soft_labels is None else F.grid_sample(soft_labels, grid, align_corners=False)
+    return moving, fixed, soft_labels, fixed_soft, flow_of_grid(grid), fixed_head
