@@ -15,8 +15,15 @@ from SlicerVoxelMorphLib.layers import SpatialTransformer, displacement_from_vel
 from SlicerVoxelMorphLib.models import save_model
 from SlicerVoxelMorphLib.networks import VxmDense
 from SlicerVoxelMorphLib.preprocess import normalise
-from SlicerVoxelMorphLib.refine import Refiner, choose_similarity, mind_ssc
-from SlicerVoxelMorphLib.register import alignment
+from SlicerVoxelMorphLib.refine import (
+    SAME_HEAD_WINDOW,
+    Refiner,
+    choose_similarity,
+    local_match,
+    mind_ssc,
+    same_head_score,
+)
+from SlicerVoxelMorphLib.register import SAME_HEAD_SCORE, alignment
 
 
 def _pair(invert: bool = False):
@@ -81,7 +88,10 @@ def test_early_stopping_stops_when_the_loss_plateaus():
     assert record["steps_run"] < 50
 
 
-def test_a_network_worse_than_the_affine_is_caught_and_refined(tmp_path, capsys):
+def test_a_network_worse_than_the_affine_is_caught_and_refined(tmp_path, capsys, monkeypatch):
+    from SlicerVoxelMorphLib import register
+
+    monkeypatch.setattr(register, "SAME_HEAD_SCORE", np.inf)  # this pair is one head deformed: that check apart
     torch.manual_seed(0)
     net = VxmDense("vm1", half_res=True, int_steps=5)
     with torch.no_grad():
@@ -118,3 +128,62 @@ def test_alignment_check_matches_scipy_on_its_lattice():
     lattice_target = target[:, ::2, ::2, ::2]
     assert abs(result["network"] - ((lattice_target - warped) ** 2).mean()) < 1e-5
     assert abs(result["affine_only"] - ((lattice_target - source[:, ::2, ::2, ::2]) ** 2).mean()) < 1e-5
+
+
+def test_local_match_agrees_with_scipy_box_filters_and_is_one_for_identical_images():
+    rng = np.random.default_rng(4)
+    a, b = (ndimage.gaussian_filter(rng.random((14, 16, 12)), 1.5).astype(np.float32) for _ in range(2))
+    a[:3] = 0  # background: outside the foreground of both
+    b[:3] = 0
+
+    def box(x):  # centred 9^3 mean with zero padding, as losses.box_mean
+        return ndimage.uniform_filter(x.astype(np.float64), SAME_HEAD_WINDOW, mode="constant")
+
+    cross = box(a * b) - box(a) * box(b)
+    variances = (box(a * a) - box(a) ** 2) * (box(b * b) - box(b) ** 2)
+    inside = (a > 0.05) | (b > 0.05)
+    expected = (np.clip(cross, 0, None) ** 2)[inside].sum() / variances[inside].sum()
+    ta, tb = (torch.from_numpy(x)[None, None] for x in (a, b))
+    assert local_match(ta, tb) == pytest.approx(expected, rel=1e-4)
+    assert local_match(ta, ta) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_same_head_score_separates_a_slightly_deformed_copy_from_a_different_shape():
+    fixed = torch.from_numpy(normalise(phantom((40, 40, 40), seed=0)[0]))[None, None]
+
+    def deformed(amplitude: float, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        velocity = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3) * amplitude, size=(20, 20, 20),
+                                                   mode="trilinear", align_corners=False)
+        return SpatialTransformer()(fixed, displacement_from_velocity(velocity, (40, 40, 40)))
+
+    assert same_head_score(fixed, fixed) == pytest.approx(1 / np.mean([  # itself: 1 over its one-voxel shift
+        local_match(fixed.narrow(axis, 1, 39), fixed.narrow(axis, 0, 39)) for axis in (2, 3, 4)]))
+    # measured: a copy moved by ~1 voxel on average scores 1.01; one moved by ~6 voxels (another shape) 0.46
+    assert same_head_score(deformed(0.5, 0), fixed) > SAME_HEAD_SCORE
+    assert same_head_score(deformed(3.0, 0), fixed) < SAME_HEAD_SCORE - 0.2
+
+
+def test_two_scans_of_one_head_are_refined_and_recover_the_known_field(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    paths, field = write_phantom_pair(tmp_path, shape=(48, 48, 48), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
+                                      amplitude=4.0, field_seed=3, sigma_mm=16.0, phantom_seed=5)
+    base = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--quiet"]
+    truth = sitk.GetArrayFromImage(field)
+    inside = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["fixed_labels"]))) > 0
+
+    def error(out) -> float:  # mean end-point error (mm) against the known field inside the phantom
+        found = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
+        return float(np.linalg.norm(found - truth, axis=-1)[inside].mean())
+
+    assert main([*base, "--no-auto-refine", "--out", str(tmp_path / "raw")]) == 0
+    raw = json.loads((tmp_path / "raw" / "report.json").read_text())
+    assert raw["same_head"]["detected"] and "refinement" not in raw
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "safe")]) == 0
+    assert "two scans of one head" in capsys.readouterr().err
+    safe = json.loads((tmp_path / "safe" / "report.json").read_text())
+    assert safe["auto_refined"] and safe["auto_refine_reason"] == "same head"
+    before = float(np.linalg.norm(truth, axis=-1)[inside].mean())
+    assert error(tmp_path / "safe") < min(error(tmp_path / "raw"), before) - 0.3, (before, error(tmp_path / "raw"))

@@ -287,6 +287,10 @@ def test_dice_table_rows_follow_the_report():
     assert len(scene.DICE_COLUMNS) == 4
     text = scene.summary_text(report)
     assert "cpu" in text and "0.505" in text and "0.840" in text
+    assert "refined" not in text
+    assert "two scans of one head" in scene.summary_text({**report, "auto_refined": True,
+                                                          "auto_refine_reason": "same head"})
+    assert "did not improve" in scene.summary_text({**report, "auto_refined": True})
 
 
 def test_labels_are_paired_by_value_or_by_name():

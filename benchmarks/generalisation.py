@@ -33,7 +33,7 @@ from SlicerVoxelMorphLib.preprocess import normalise
 from SlicerVoxelMorphLib.register import register
 from SlicerVoxelMorphLib.synth import make_subject
 
-FIELDS = ["model", "variant", "subject", "mean_dice", "folding_percent", "seconds"]
+FIELDS = ["model", "variant", "subject", "mean_dice", "folding_percent", "seconds", "refined", "same_head_score"]
 ANTS = "ants"  # a model PATH that means ANTs SyN
 
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             f = variant_image(fixed, fixed_labels, kind, 1000 + n) if kind == "head" else fixed
             for name, model in models.items():
                 start = time.perf_counter()
+                refined, score = False, None
                 if model == ANTS:
                     warped, folding = syn(f, m, moving_labels, fixed_labels)
                 else:
@@ -110,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                                       device="cpu", refine_steps=args.refine, auto_refine=args.auto_refine,
                                       accurate=args.accurate)
                     warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
+                    refined = bool(result.report.get("auto_refined"))
+                    score = result.report.get("same_head", {}).get("score")
                 seconds = time.perf_counter() - start
                 dice = mean_dice(sitk.GetArrayViewFromImage(fixed_labels), warped, ids)
                 rows.append({"model": name, "variant": kind, "subject": subject, "mean_dice": round(dice, 4),
-                             "folding_percent": round(folding, 4), "seconds": round(seconds, 2)})
+                             "folding_percent": round(folding, 4), "seconds": round(seconds, 2), "refined": refined,
+                             "same_head_score": score})
                 print(f"{subject} {kind:12s} {name}: Dice {dice:.3f}, {seconds:.1f} s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "generalisation.csv", "w", newline="") as f:
@@ -139,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{max(r['folding_percent'] for r in rows if r['model'] == name):.4f}" for name in models) + " |")
     lines.append("| mean seconds | " + " | ".join(
         f"{np.mean([r['seconds'] for r in rows if r['model'] == name]):.1f}" for name in models) + " |")
+    if args.auto_refine:
+        lines.append("| refined by the safety net | " + " | ".join(
+            f"{sum(r['refined'] for r in rows if r['model'] == name)} of "
+            f"{sum(r['model'] == name for r in rows)}" for name in models) + " |")
     (out / "generalisation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -18,6 +18,7 @@ from .layers import SpatialTransformer, displacement_from_velocity
 
 SIMILARITIES = ("auto", "ncc", "mind")
 SAME_CONTRAST_CORRELATION = 0.5  # 'auto': NCC above this global correlation, MIND below
+SAME_HEAD_WINDOW = 9  # voxels of the level the pair is compared at
 
 
 def intensity_correlation(moving: torch.Tensor, fixed: torch.Tensor) -> float:
@@ -26,6 +27,30 @@ def intensity_correlation(moving: torch.Tensor, fixed: torch.Tensor) -> float:
     a, b = moving[mask].double(), fixed[mask].double()
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
+
+
+def local_match(fixed: torch.Tensor, moving: torch.Tensor) -> float:
+    """How well two images match locally: the sum of squared local covariances over the sum of the products
+    of local variances (window SAME_HEAD_WINDOW), over the voxels where either image is foreground; 1 for
+    identical images. Weighting by local variance makes flat regions and background noise count little."""
+    foreground = ((fixed > 0.05) | (moving > 0.05)).float()
+    mu_f, mu_m = losses.box_mean(fixed, SAME_HEAD_WINDOW), losses.box_mean(moving, SAME_HEAD_WINDOW)
+    cross = losses.box_mean(fixed * moving, SAME_HEAD_WINDOW) - mu_f * mu_m
+    var_f = losses.box_mean(fixed * fixed, SAME_HEAD_WINDOW) - mu_f * mu_f
+    var_m = losses.box_mean(moving * moving, SAME_HEAD_WINDOW) - mu_m * mu_m
+    return float((cross.clamp_min(0) ** 2 * foreground).sum() / (var_f * var_m * foreground).sum().clamp_min(1e-12))
+
+
+def same_head_score(moving: torch.Tensor, fixed: torch.Tensor) -> float:
+    """``local_match`` of an affinely aligned pair (1, 1, D, H, W) relative to that of the fixed image and itself
+    shifted by one voxel (mean over the three axes), which sets the scale for this image's content (skull,
+    noise, resolution). Two scans of one head in one contrast that differ by a smooth deformation of a few
+    millimetres match about as well as the one-voxel shift, two different brains clearly worse."""
+    shifted = []
+    for axis in (2, 3, 4):
+        length = fixed.shape[axis]
+        shifted.append(local_match(fixed.narrow(axis, 1, length - 1), fixed.narrow(axis, 0, length - 1)))
+    return local_match(fixed, moving) / max(sum(shifted) / 3, 1e-12)
 
 
 def choose_similarity(similarity: str, moving: torch.Tensor, fixed: torch.Tensor) -> str:

@@ -33,7 +33,7 @@ from .preprocess import (
     level_factor,
     working_pair,
 )
-from .refine import Refiner, mind_ssc
+from .refine import Refiner, mind_ssc, same_head_score
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
 COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
@@ -47,6 +47,13 @@ RESCUE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0,
 # the safety net compares descriptors on every other voxel of the network level (4 mm apart): the same
 # decisions on the LPBA40 validation pairs, their contrast and head variants, as on every voxel
 ALIGNMENT_STRIDE = 2
+# two scans of one head (a follow-up, a deformed copy) are told from two brains by ``same_head_score`` after the
+# affine: LPBA40 S35..S37 against a copy under a smooth field (largest 6 mm), with and without a synthetic head,
+# with and without noise and bias: 0.926-0.969; S11..S40 to the atlas S01: 0.754-0.866 (S35..S37 with synthetic
+# heads on both: 0.627-0.707). The network, trained on different subjects, does not recover such a pair's
+# deformation (S35, S36: mean end-point error 2.18 -> 2.31 mm in the brain); the rescue preset does (0.52 mm on
+# S35), so it refines such pairs.
+SAME_HEAD_SCORE = 0.90
 TAPER_MM = 20.0  # outside the working grid the deformation fades to zero over this distance
 
 
@@ -98,9 +105,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
              working: WorkingPair | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
-    Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model) or ``refine_steps`` steps with
-    the same settings, ``similarity`` 'auto', 'ncc' or 'mind'; with ``auto_refine`` the network's result is
-    checked and refined with RESCUE when it does not improve on the affine alignment (a warning says so).
+    Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model or for two scans of one head, see
+    SAME_HEAD_SCORE) or ``refine_steps`` steps with the same settings, ``similarity`` 'auto', 'ncc' or 'mind';
+    with ``auto_refine`` the network's result is refined with RESCUE when the pair looks like two scans of one
+    head or when it does not improve on the affine alignment (a warning says so).
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
@@ -149,24 +157,35 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     def preset(values: dict) -> dict:
         return {**values, "smooth_weight": values["smooth_weight"] * smoothness, "similarity": similarity}
 
-    settings = preset(ACCURATE if net is not None else RESCUE)
-
-    def refiner() -> Refiner | None:
-        if accurate:
-            return Refiner(**settings)
-        if refine_steps <= 0:
-            return None  # experts' --refine N: exactly N steps (no early stop) with the preset's settings
-        return Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
-
+    same_head = None
+    if net is not None:
+        clock("network")  # the network stage starts with this check of the pair
+        score = same_head_score(downsample(m, factor), downsample(f, factor))
+        same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
+    settings = preset(RESCUE if net is None or same_head["detected"] else ACCURATE)
+    auto_reason = None
+    if accurate:
+        refiner = Refiner(**settings)
+    elif refine_steps > 0:  # experts' --refine N: exactly N steps (no early stop) with the preset's settings
+        refiner = Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
+    elif auto_refine and same_head is not None and same_head["detected"]:
+        warnings.warn(f"the images look like two scans of one head (score {same_head['score']:.2f}): the network, "
+                      "trained on different subjects, does not recover their deformation; refining with the "
+                      "rescue preset", RuntimeWarning, stacklevel=2)
+        refiner, auto_reason = Refiner(**settings), "same head"
+    else:
+        refiner = None
     fallback = Refiner(**preset(RESCUE)) if auto_refine else None
     try:
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), fallback,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner, fallback,
                                                           torch_device, clock, inverse, masks)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner(), fallback,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner, fallback,
                                                           torch.device("cpu"), clock, inverse, masks)
+    if auto_reason is not None:
+        deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
 
     clock("compose")
     coarse = images.downsampled_grid(grid, factor)
@@ -193,6 +212,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         "device": str(used), "model": record.get("name", "none"), "model_sha256": record.get("sha256"),
         "refine_steps": refine_steps, "accurate": accurate, "affine": affine or affine_transform is not None,
         **deform_report,
+        **({"same_head": same_head} if same_head is not None else {}),
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
         "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
                          "origin_lps": list(grid.GetOrigin())},
@@ -236,7 +256,6 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
     int_steps = record.get("config", {}).get("int_steps", 7)
     info: dict = {}
     if net is not None:
-        clock("network")
         with torch.no_grad():
             velocity = net.to(device).velocity(moving_small, fixed_small)
             flow = displacement_from_velocity(velocity, size, int_steps)
@@ -246,7 +265,8 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
                 info["alignment"]["network"] >= info["alignment"]["affine_only"]:
             warnings.warn("the network did not improve on the affine alignment of this pair (inputs unlike its "
                           "training data?): refining with the accurate preset", RuntimeWarning, stacklevel=3)
-            refiner, info["auto_refined"] = fallback, True
+            refiner = fallback
+            info.update(auto_refined=True, auto_refine_reason="network no better than the affine")
     else:
         velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
         flow = torch.zeros(1, 3, *size, device=device)

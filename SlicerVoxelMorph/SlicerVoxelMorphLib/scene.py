@@ -183,7 +183,10 @@ def summary_text(report: dict) -> str:
         parts.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}")
     if "folding_percent" in report:
         parts.append(f"folding {report['folding_percent']:.3f} %")
-    if report.get("auto_refined"):
+    if report.get("auto_refine_reason") == "same head":
+        parts.append("the images look like two scans of one head, which the network does not register "
+                     "finely, so the result was refined")
+    elif report.get("auto_refined"):
         parts.append("the network did not improve on the affine alignment, so the result was refined "
                      "(use Accurate mode for inputs unlike the model's training data)")
     return "; ".join(parts)
