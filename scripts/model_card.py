@@ -50,7 +50,8 @@ LIMITS_SYNTH = """\
   strong atrophy were not in training: check the result, and use `--accurate` when in doubt.
 - The network sees images at 2 mm and predicts a velocity at 4 mm.
 - Two scans of the same head (follow-up, a deformed copy): the network alone does not recover their
-  fine deformation and the safety net does not notice (whole-head proxy above); use `--accurate`.
+  fine deformation; the default safety net recognises such pairs and refines them (whole-head proxy
+  above); `--no-auto-refine` gives the network's result alone.
 - The figures above are on LPBA40 validation subjects with remapped contrasts and synthetic heads, not on
   real other-contrast scans or an independent test set."""
 
