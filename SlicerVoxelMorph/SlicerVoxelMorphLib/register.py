@@ -264,7 +264,7 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
         if refiner is None and fallback is not None and \
                 info["alignment"]["network"] >= info["alignment"]["affine_only"]:
             warnings.warn("the network did not improve on the affine alignment of this pair (inputs unlike its "
-                          "training data?): refining with the accurate preset", RuntimeWarning, stacklevel=3)
+                          "training data?): refining with the rescue preset", RuntimeWarning, stacklevel=3)
             refiner = fallback
             info.update(auto_refined=True, auto_refine_reason="network no better than the affine")
     else:
