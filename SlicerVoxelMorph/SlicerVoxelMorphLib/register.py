@@ -157,10 +157,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     def preset(values: dict) -> dict:
         return {**values, "smooth_weight": values["smooth_weight"] * smoothness, "similarity": similarity}
 
+    f_small, m_small = downsample(f, factor), downsample(m, factor)  # the network's image level
     same_head = None
     if net is not None:
         clock("network")  # the network stage starts with this check of the pair
-        score = same_head_score(downsample(m, factor), downsample(f, factor))
+        score = same_head_score(m_small, f_small)
         same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
     settings = preset(RESCUE if net is None or same_head["detected"] else ACCURATE)
     auto_reason = None
@@ -177,12 +178,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         refiner = None
     fallback = Refiner(**preset(RESCUE)) if auto_refine else None
     try:
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner, fallback,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
                                                           torch_device, clock, inverse, masks)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used, deform_report = _deform(net, record, f, m, factor, refiner, fallback,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
                                                           torch.device("cpu"), clock, inverse, masks)
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
@@ -240,16 +241,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refiner: Refiner | None,
             fallback: Refiner | None, device: torch.device, clock: _Clock, inverse: bool = False,
             masks: list[torch.Tensor | None] | None = None) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
-    """Network prediction and optional refinement at the network's image level (the working grid
-    downsampled by ``factor``); returns the displacement (3, d, h, w) in voxels of that level, with
-    ``inverse`` that of the inverse (the velocity integrated backwards), and a report.
+    """Network prediction and optional refinement of ``fixed`` and ``moving`` at the network's image level
+    (the working grid downsampled by ``factor``, as are the working-grid ``masks`` here); returns the
+    displacement (3, d, h, w) in voxels of that level, with ``inverse`` that of the inverse (the velocity
+    integrated backwards), and a report.
 
     Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
     where a half-resolution network puts its velocity. A network result that aligns the pair no better
     than the affine alone (MIND-SSC distance) is refined with ``fallback`` when one is given.
     """
-    fixed_small = downsample(fixed.to(device), factor)
-    moving_small = downsample(moving.to(device), factor)
+    fixed_small, moving_small = fixed.to(device), moving.to(device)
     fixed_mask, moving_mask = (None if mask is None else (downsample(mask.to(device), factor) > 0.5).float()
                                for mask in (masks or [None, None]))
     size = tuple(fixed_small.shape[2:])
