@@ -1,5 +1,7 @@
 """Registration losses: local NCC, MSE, gradient smoothness, soft Dice."""
 
+from collections.abc import Callable
+
 import torch
 
 SHIFTED_SUM_MAX_WINDOW = 5  # box_mean: up to this window a sum of shifted copies is faster than cumsum
@@ -32,6 +34,13 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Te
     return (values * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
+def local_moments(a: torch.Tensor, b: torch.Tensor,
+                  mean: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local covariance of ``a`` and ``b`` and the local variance of each, with the local ``mean`` given."""
+    mu_a, mu_b = mean(a), mean(b)
+    return mean(a * b) - mu_a * mu_b, mean(a * a) - mu_a * mu_a, mean(b * b) - mu_b * mu_b
+
+
 def ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5,
         weight: torch.Tensor | None = None) -> torch.Tensor:
     """Negative mean squared local normalised cross-correlation over a cubic ``window``.
@@ -50,10 +59,7 @@ def ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float =
 
         def mean(x: torch.Tensor) -> torch.Tensor:
             return box_mean(weight * x, window) / total
-    mu_f, mu_w = mean(fixed), mean(warped)
-    cross = mean(fixed * warped) - mu_f * mu_w
-    var_f = mean(fixed * fixed) - mu_f * mu_f
-    var_w = mean(warped * warped) - mu_w * mu_w
+    cross, var_f, var_w = local_moments(fixed, warped, mean)
     cc = cross * cross / (var_f * var_w + eps)
     return -weighted_mean(cc, weight)
 

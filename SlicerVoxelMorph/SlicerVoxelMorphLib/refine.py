@@ -34,10 +34,7 @@ def local_match(fixed: torch.Tensor, moving: torch.Tensor) -> float:
     of local variances (window SAME_HEAD_WINDOW), over the voxels where either image is foreground; 1 for
     identical images. Weighting by local variance makes flat regions and background noise count little."""
     foreground = ((fixed > 0.05) | (moving > 0.05)).float()
-    mu_f, mu_m = losses.box_mean(fixed, SAME_HEAD_WINDOW), losses.box_mean(moving, SAME_HEAD_WINDOW)
-    cross = losses.box_mean(fixed * moving, SAME_HEAD_WINDOW) - mu_f * mu_m
-    var_f = losses.box_mean(fixed * fixed, SAME_HEAD_WINDOW) - mu_f * mu_f
-    var_m = losses.box_mean(moving * moving, SAME_HEAD_WINDOW) - mu_m * mu_m
+    cross, var_f, var_m = losses.local_moments(fixed, moving, lambda x: losses.box_mean(x, SAME_HEAD_WINDOW))
     return float((cross.clamp_min(0) ** 2 * foreground).sum() / (var_f * var_m * foreground).sum().clamp_min(1e-12))
 
 
