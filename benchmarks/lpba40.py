@@ -1,14 +1,16 @@
 """LPBA40 benchmark: this tool (network only, accurate) against ANTs SyN, same pairs, same machine, as processes.
 
-Each moving subject is registered to the atlas fixed.nii.gz (S01), every method as its own process
+Each moving subject is registered to the atlas fixed.nii.gz (S01), or with --scan-to-scan to the next
+subject of the list (the last to the first: pairs without the atlas, which training saw as a fixed image),
+every method as its own process
 (``slicer-voxelmorph register`` with all its outputs written; ANTs SyN through antspyx with the labels
 warped), so the seconds include start-up, imports and writing, as a user waits for them. Per subject and
-method: mean Dice over the atlas's labels (56), % of voxels in the atlas's labelled brain with
+method: mean Dice over the fixed image's labels (56), % of voxels in the atlas's labelled brain with
 det J <= 0, seconds, peak resident memory, and the time ratio ANTs / method; per-stage seconds of this
 tool from its report.json. Writes results.md, results.csv and boxplot.png to --out.
 
     python benchmarks/lpba40.py [--data DIR] [--subjects S02,S03] [--refine 50] [--skip-ants] [--repeats 3]
-        [--out DIR]
+        [--scan-to-scan] [--out DIR]
 
 Subjects' images are ``<S>.delineation.skullstripped.nii.gz`` (or any name starting ``<S>.``) in the
 data folder or its train/ or test/ subfolder; their label maps are in label/.
@@ -236,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ants", action="store_true", help="run this tool only")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of this tool per subject and preset; the run of median time is kept (default 1)")
+    parser.add_argument("--scan-to-scan", action="store_true",
+                        help="register each subject to the next one of the list instead of the atlas")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch, ITK and ANTs (default 2)")
     parser.add_argument("--out", default="benchmark_output", help="output folder (default benchmark_output)")
     args = parser.parse_args(argv)
@@ -245,10 +249,18 @@ def main(argv: list[str] | None = None) -> int:
         subjects = args.subjects.split(",") if args.subjects else default_subjects(data)
         if not subjects:
             raise InputError(f"no subjects S35..S40 in {data}; name them with --subjects")
-        pairs = {s: find_subject(data, s) for s in subjects}
-        fixed_path, fixed_labels_path = data / "fixed.nii.gz", find_file([data / "label"], ATLAS)
-        if not fixed_path.is_file() or fixed_labels_path is None:
-            raise InputError(f"{data} needs fixed.nii.gz (the atlas, {ATLAS}) and its label map in label/")
+        found_subjects = {s: find_subject(data, s) for s in subjects}
+        if args.scan_to_scan:
+            if len(subjects) < 2:
+                raise InputError("--scan-to-scan needs at least two subjects")
+            fixed_names = subjects[1:] + subjects[:1]
+            pairs = {f"{s}->{f}": (*found_subjects[s], *found_subjects[f])
+                     for s, f in zip(subjects, fixed_names, strict=True)}
+        else:
+            atlas = data / "fixed.nii.gz", find_file([data / "label"], ATLAS)
+            if not atlas[0].is_file() or atlas[1] is None:
+                raise InputError(f"{data} needs fixed.nii.gz (the atlas, {ATLAS}) and its label map in label/")
+            pairs = {s: (*found_subjects[s], *atlas) for s in subjects}
     except InputError as exc:
         print(f"lpba40: error: {exc}", file=sys.stderr)
         return 2
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ants_version = ants.__version__
 
-    ids = metrics.label_ids(sitk.GetArrayFromImage(sitk.ReadImage(str(fixed_labels_path))))
+    ids = metrics.label_ids(sitk.GetArrayFromImage(sitk.ReadImage(str(next(iter(pairs.values()))[3]))))
     network = "fast (default)" if args.model != "none" else "affine only (no model)"
     presets = {network: [], "accurate": ["--accurate"]}
     if args.refine:
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     stages: dict[str, list[dict]] = {method: [] for method in presets}
     with tempfile.TemporaryDirectory() as work:
-        for subject, (image, labels) in pairs.items():
+        for subject, (image, labels, fixed_path, fixed_labels_path) in pairs.items():
             found = {method: median_run([run_tool(fixed_path, fixed_labels_path, image, labels, args.model, options,
                                                   args.threads, Path(work)) for _ in range(max(1, args.repeats))])
                      for method, options in presets.items()}
@@ -297,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     text = [
-        f"# LPBA40: {plural(len(subjects), 'subject')} -> {ATLAS}",
+        f"# LPBA40: {plural(len(subjects), 'subject')} -> "
+        f"{'the next subject (scan to scan)' if args.scan_to_scan else ATLAS}",
         "",
-        f"Subjects {', '.join(subjects)}; mean Dice over the {len(ids)} labels of the atlas; "
-        "% det J <= 0 inside the atlas's labelled brain; seconds and peak resident memory of each method as "
+        f"Subjects {', '.join(subjects)}; mean Dice over the {len(ids)} labels of the fixed image; "
+        "% det J <= 0 inside the fixed image's labelled brain; seconds and peak resident memory of each method as "
         "its own process (start-up, imports, reading, registration, label warp and, for this tool, all its "
         f"outputs written); this tool: the run of median time of {max(1, args.repeats)} per subject and preset, "
         "ANTs: one run.",

@@ -78,7 +78,7 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
         "structures, 160x192x160 at 1 mm, already affinely aligned.",
         f"- training subjects ({len(t['train_subjects'])}): {', '.join(t['train_subjects'])}",
         f"- validation subjects ({len(t['val_subjects'])}): {', '.join(t['val_subjects'])}",
-        f"- atlas (fixed image of atlas pairs): {t['atlas']}",
+        f"- atlas (fixed image of atlas pairs): {t['atlas']}" if t["atlas"] else "- no atlas: scan-to-scan only",
         "- test subjects S02..S10 were never on the training machine.",
         "",
         "## Preprocessing",
@@ -97,8 +97,9 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
            f"- warm start: {c['init_model']}",
            f"- the other {1 - c['synth_fraction']:.0%}: real pairs as below"]
           if c.get("synth_fraction") else []),
-        f"- pairs: {c['mode']}-to-scan, {c['atlas_fraction']:.0%} of pairs to the atlas" if c["mode"] == "scan"
-        else "- pairs: all to the atlas",
+        ("- pairs: all to the atlas" if c["mode"] == "atlas" else
+         f"- pairs: scan-to-scan, {c['atlas_fraction']:.0%} of pairs to the atlas" if t["atlas"] else
+         "- pairs: scan-to-scan between training subjects"),
         f"- loss: NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness of the velocity "
         f"+ {c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration",
         "- augmentation: " + ("small random affine on the moving image, gamma and noise on both"
@@ -109,7 +110,9 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
         f"- command: see `training/{record['name']}/COMMAND` in the repository; resume with `--resume`.",
         "",
         "## Validation (during training, no affine, network only, at the iteration of this file)",
-        f"- mean Dice over labels, validation pairs to the atlas: {v.get('val_dice', float('nan')):.4f}",
+        f"- mean Dice over labels, validation pairs "
+        f"{'to the atlas' if t['atlas'] else '(each validation subject to the next)'}: "
+        f"{v.get('val_dice', float('nan')):.4f}",
         *[f"- the same with {kind} moving images: {v[f'val_dice_{kind}']:.4f}"
           for kind in ("inverted", "t2", "flair", "monotone", "nonmonotone") if f"val_dice_{kind}" in v],
         *([f"- the same with a synthetic head on both: {v['val_dice_head']:.4f}",
