@@ -187,3 +187,22 @@ def test_two_scans_of_one_head_are_refined_and_recover_the_known_field(tmp_path,
     assert safe["auto_refined"] and safe["auto_refine_reason"] == "same head"
     before = float(np.linalg.norm(truth, axis=-1)[inside].mean())
     assert error(tmp_path / "safe") < min(error(tmp_path / "raw"), before) - 0.3, (before, error(tmp_path / "raw"))
+
+
+def test_an_image_registered_to_itself_is_left_exactly_where_it_is(tmp_path):
+    """Two scans of one head are refined from the identity, not from the network's field (for such pairs no
+    better than none; here ~1 mm for the same image twice), and the refinement returns the velocity of lowest
+    loss, not Adam's last step (its first steps move an optimal velocity by about its learning rate): with
+    MIND-SSC, whose distance is 0 at the identity for the same image twice, no deformation at all."""
+    import SimpleITK as sitk
+
+    paths, _ = write_phantom_pair(tmp_path, shape=(48, 48, 48), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
+                                  amplitude=4.0, field_seed=3, sigma_mm=16.0, phantom_seed=5)
+    out = tmp_path / "self"
+    assert main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["fixed"]), "--no-affine",
+                 "--similarity", "mind", "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["auto_refine_reason"] == "same head" and report["refinement"]["loss_best"] == 0
+    assert report["alignment"]["network"] > 0  # the network's own field was not the identity
+    found = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
+    assert np.abs(found).max() == 0

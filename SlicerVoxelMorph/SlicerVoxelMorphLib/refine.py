@@ -103,8 +103,9 @@ class Refiner:
     def execute(self, velocity: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
                 progress: Callable[[str, float], None] | None = None, fixed_mask: torch.Tensor | None = None,
                 moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """The refined velocity (voxels of its own grid, possibly finer than the input's) and a record:
-        similarity used, steps run, first and last loss. Masks (0/1, on the images' grid) restrict the
+        """The refined velocity of lowest loss seen (voxels of its own grid, possibly finer than the input's;
+        Adam's first steps move even a velocity that is already optimal by about ``lr``) and a record:
+        similarity used, steps run, first, last and lowest loss. Masks (0/1, on the images' grid) restrict the
         similarity to voxels inside the fixed mask whose warped position lies inside the moving mask."""
         similarity = choose_similarity(self.similarity, moving, fixed)
         if self.velocity_factor > 1:
@@ -119,6 +120,7 @@ class Refiner:
         else:
             target, source = fixed, moving
         history: list[float] = []
+        best = velocity.detach().clone()
         for step in range(self.steps):
             flow = displacement_from_velocity(velocity, size, self.int_steps)
             warped = warp(source, flow)
@@ -132,6 +134,8 @@ class Refiner:
             else:
                 match = losses.ncc(target, warped, self.window, weight=weight)
             loss = match + self.smooth_weight * losses.grad(velocity)
+            if not history or loss.item() < min(history):
+                best = velocity.detach().clone()  # the loss just computed is that of this velocity
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -143,5 +147,6 @@ class Refiner:
                 break
         record = {"similarity": similarity, "steps_run": len(history),
                   "loss_first": round(history[0], 6) if history else None,
-                  "loss_last": round(history[-1], 6) if history else None}
-        return velocity.detach(), record
+                  "loss_last": round(history[-1], 6) if history else None,
+                  "loss_best": round(min(history), 6) if history else None}
+        return best, record

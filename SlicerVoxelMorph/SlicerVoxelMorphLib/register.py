@@ -177,14 +177,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     else:
         refiner = None
     fallback = Refiner(**preset(RESCUE)) if auto_refine else None
+    # for two scans of one head the network's field is no better than none: refinement starts from the identity
+    from_identity = same_head is not None and same_head["detected"]
     try:
         flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
-                                                          torch_device, clock, inverse, masks)
+                                                          torch_device, clock, inverse, masks, from_identity)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
         flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
-                                                          torch.device("cpu"), clock, inverse, masks)
+                                                          torch.device("cpu"), clock, inverse, masks, from_identity)
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
 
@@ -240,15 +242,17 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refiner: Refiner | None,
             fallback: Refiner | None, device: torch.device, clock: _Clock, inverse: bool = False,
-            masks: list[torch.Tensor | None] | None = None) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
+            masks: list[torch.Tensor | None] | None = None,
+            from_identity: bool = False) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
     """Network prediction and optional refinement of ``fixed`` and ``moving`` at the network's image level
     (the working grid downsampled by ``factor``, as are the working-grid ``masks`` here); returns the
     displacement (3, d, h, w) in voxels of that level, with ``inverse`` that of the inverse (the velocity
     integrated backwards), and a report.
 
     Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
-    where a half-resolution network puts its velocity. A network result that aligns the pair no better
-    than the affine alone (MIND-SSC distance) is refined with ``fallback`` when one is given.
+    where a half-resolution network puts its velocity; with ``from_identity`` too (the network's result
+    is then only reported). A network result that aligns the pair no better than the affine alone
+    (MIND-SSC distance) is refined with ``fallback`` when one is given.
     """
     fixed_small, moving_small = fixed.to(device), moving.to(device)
     fixed_mask, moving_mask = (None if mask is None else (downsample(mask.to(device), factor) > 0.5).float()
@@ -273,6 +277,8 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
         flow = torch.zeros(1, 3, *size, device=device)
     if refiner is not None:
         clock("refine")
+        if from_identity:
+            velocity = torch.zeros_like(velocity)
         velocity, info["refinement"] = replace(refiner, int_steps=int_steps).execute(
             velocity, moving_small, fixed_small, clock.progress, fixed_mask, moving_mask)
         with torch.no_grad():
