@@ -7,6 +7,7 @@ local NCC for same-contrast pairs or MIND-SSC (modality independent) when contra
 picks by the sign and size of the global intensity correlation inside the foreground.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,9 +120,8 @@ class Refiner:
             target, source = mind_ssc(fixed), mind_ssc(moving)  # descriptors of the moving image are warped
         else:
             target, source = fixed, moving
-        history: list[float] = []
-        best = velocity.detach().clone()
-        for step in range(self.steps):
+
+        def objective(velocity: torch.Tensor) -> torch.Tensor:
             flow = displacement_from_velocity(velocity, size, self.int_steps)
             warped = warp(source, flow)
             weight = None
@@ -133,9 +133,14 @@ class Refiner:
                 match = losses.mse(target, warped, weight)
             else:
                 match = losses.ncc(target, warped, self.window, weight=weight)
-            loss = match + self.smooth_weight * losses.grad(velocity)
-            if not history or loss.item() < min(history):
-                best = velocity.detach().clone()  # the loss just computed is that of this velocity
+            return match + self.smooth_weight * losses.grad(velocity)
+
+        history: list[float] = []
+        best, best_loss = velocity.detach().clone(), math.inf
+        for step in range(self.steps):
+            loss = objective(velocity)
+            if loss.item() < best_loss:  # the loss just computed is that of this velocity
+                best, best_loss = velocity.detach().clone(), loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -145,8 +150,13 @@ class Refiner:
             if len(history) > self.patience and \
                     history[-1 - self.patience] - min(history[-self.patience:]) < self.tolerance * abs(history[0]):
                 break
+        if history:
+            with torch.no_grad():  # the velocity after the last step
+                last = objective(velocity).item()
+            if last < best_loss:
+                best, best_loss = velocity.detach().clone(), last
         record = {"similarity": similarity, "steps_run": len(history),
                   "loss_first": round(history[0], 6) if history else None,
                   "loss_last": round(history[-1], 6) if history else None,
-                  "loss_best": round(min(history), 6) if history else None}
+                  "loss_best": round(best_loss, 6) if history else None}
         return best, record
