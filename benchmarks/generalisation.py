@@ -95,15 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data, out, models, subjects = common_settings(args)
     kinds = args.variants.split(",")
+    atlas = None if args.scan_to_scan else (sitk.ReadImage(str(data / "fixed.nii.gz")),
+                                            sitk.ReadImage(str(find_file([data / "label"], ATLAS))))
     rows = []
     for n, subject in enumerate(subjects):
         moving, moving_labels = (sitk.ReadImage(str(path)) for path in find_subject(data, subject))
-        if args.scan_to_scan:
-            fixed, fixed_labels = (sitk.ReadImage(str(path)) for path in find_subject(data, subjects[(n + 1) % len(
-                subjects)]))
-        else:
-            fixed = sitk.ReadImage(str(data / "fixed.nii.gz"))
-            fixed_labels = sitk.ReadImage(str(find_file([data / "label"], ATLAS)))
+        fixed, fixed_labels = atlas or tuple(sitk.ReadImage(str(path))
+                                             for path in find_subject(data, subjects[(n + 1) % len(subjects)]))
         ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
         for kind in kinds:
             m = variant_image(moving, moving_labels, kind, n)

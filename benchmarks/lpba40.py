@@ -5,7 +5,7 @@ subject of the list (the last to the first: pairs without the atlas, which train
 every method as its own process
 (``slicer-voxelmorph register`` with all its outputs written; ANTs SyN through antspyx with the labels
 warped), so the seconds include start-up, imports and writing, as a user waits for them. Per subject and
-method: mean Dice over the fixed image's labels (56), % of voxels in the atlas's labelled brain with
+method: mean Dice over the fixed image's labels (56), % of voxels in its labelled brain with
 det J <= 0, seconds, peak resident memory, and the time ratio ANTs / method; per-stage seconds of this
 tool from its report.json. Writes results.md, results.csv and boxplot.png to --out.
 
