@@ -139,12 +139,12 @@ class Refiner:
         best, best_loss = velocity.detach().clone(), math.inf
         for step in range(self.steps):
             loss = objective(velocity)
-            if loss.item() < best_loss:  # the loss just computed is that of this velocity
-                best, best_loss = velocity.detach().clone(), loss.item()
+            history.append(loss.item())
+            if history[-1] < best_loss:  # the loss just computed is that of this velocity
+                best, best_loss = velocity.detach().clone(), history[-1]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            history.append(loss.item())
             if progress is not None:
                 progress("refine", (step + 1) / self.steps)
             if len(history) > self.patience and \

@@ -163,13 +163,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         clock("network")  # the network stage starts with this check of the pair
         score = same_head_score(m_small, f_small)
         same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
-    settings = preset(RESCUE if net is None or same_head["detected"] else ACCURATE)
+    # two scans of one head: the network's field is no better than none, so refinement starts from the identity
+    one_head = same_head is not None and same_head["detected"]
+    settings = preset(RESCUE if net is None or one_head else ACCURATE)
     auto_reason = None
     if accurate:
         refiner = Refiner(**settings)
     elif refine_steps > 0:  # experts' --refine N: exactly N steps (no early stop) with the preset's settings
         refiner = Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
-    elif auto_refine and same_head is not None and same_head["detected"]:
+    elif auto_refine and one_head:
         warnings.warn(f"the images look like two scans of one head (score {same_head['score']:.2f}): the network, "
                       "trained on different subjects, does not recover their deformation; refining with the "
                       "rescue preset", RuntimeWarning, stacklevel=2)
@@ -177,16 +179,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     else:
         refiner = None
     fallback = Refiner(**preset(RESCUE)) if auto_refine else None
-    # for two scans of one head the network's field is no better than none: refinement starts from the identity
-    from_identity = same_head is not None and same_head["detected"]
     try:
         flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
-                                                          torch_device, clock, inverse, masks, from_identity)
+                                                          torch_device, clock, inverse, masks, one_head)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
         flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
-                                                          torch.device("cpu"), clock, inverse, masks, from_identity)
+                                                          torch.device("cpu"), clock, inverse, masks, one_head)
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
 
