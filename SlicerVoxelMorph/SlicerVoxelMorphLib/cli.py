@@ -21,6 +21,8 @@ COMPRESSION = {"fast": (1, 0), "small": (9, 9), "none": (0, 0)}
 # GIL switch interval (s) while torch imports in a thread: the affine stage measured 2.1 -> 1.7 s on an LPBA40
 # pair with 0.5 ms (Python's default is 5 ms)
 IMPORT_SWITCH_INTERVAL = 0.0005
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 
 APPLY_EXAMPLES = """examples:
   slicer-voxelmorph apply --transform result/displacement.nii.gz --input moving_t2.nii.gz \
@@ -420,9 +422,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def keep_freed_memory() -> bool:
+    """glibc only: serve large blocks from the heap too and never hand freed heap back to the system, so
+    a new array reuses pages the process already has instead of mapping fresh ones (a page fault each 4 kB)
+    and unmapping them when freed. For a process that does one job and ends: a long-lived one (Slicer)
+    would keep its peak. Returns whether it applied."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def run() -> None:
     """The process entry point: ``main``, then exit at once. Every output is written and closed by then;
-    skipping the interpreter's teardown (finalising torch's modules) saves ~0.8 s a call."""
+    skipping the interpreter's teardown (finalising torch's modules) saves ~0.8 s a call. Freed memory is
+    kept for reuse (``keep_freed_memory``): an LPBA40 pair, alternating 7 runs each, 4.4 -> 3.9 s, peak
+    0.96 -> 1.07 GB."""
+    keep_freed_memory()
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
