@@ -50,10 +50,11 @@ def intensity_window(array: np.ndarray) -> tuple[float, float]:
 
 def scale_to_window(array: np.ndarray, lower: float, upper: float) -> np.ndarray:
     """Map ``lower`` -> 0 and ``upper`` -> 1, clipped to [0, 1] (float32); zeros for an empty window."""
-    array = np.asarray(array, dtype=np.float32)
     if upper <= lower:
-        return np.zeros_like(array)
-    return np.clip((array - lower) / (upper - lower), 0.0, 1.0)
+        return np.zeros(np.shape(array), dtype=np.float32)
+    out = np.subtract(array, np.float32(lower), dtype=np.float32)  # one new array, then in place
+    np.divide(out, np.float32(upper - lower), out=out)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def check_scale(image: sitk.Image, what: str = "image") -> sitk.Image:
