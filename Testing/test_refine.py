@@ -2,6 +2,7 @@
 early stopping stops; the safety net refines a network result that is worse than the affine alone."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -49,12 +50,13 @@ def _dice(fixed_labels, moving_labels, velocity) -> float:
     return float(np.mean(list(values.values())))
 
 
-@pytest.mark.parametrize(("similarity", "invert"), [("ncc", False), ("mind", False), ("mind", True)])
-def test_refinement_lowers_the_loss_and_raises_dice(similarity, invert):
+@pytest.mark.parametrize(("similarity", "invert", "dilation"),
+                         [("ncc", False, 2), ("mind", False, 2), ("mind", True, 2), ("mind", True, 1)])
+def test_refinement_lowers_the_loss_and_raises_dice(similarity, invert, dilation):
     moving, fixed, moving_labels, fixed_labels = _pair(invert)
     start = torch.zeros(1, 3, 12, 12, 12)
     velocity, record = Refiner(steps=30, similarity=similarity, velocity_factor=2, window=5, int_steps=5,
-                               patience=30).execute(start, moving, fixed)
+                               patience=30, mind_dilation=dilation).execute(start, moving, fixed)
     assert record["similarity"] == similarity and velocity.shape[2:] == (24, 24, 24)
     assert record["loss_last"] < record["loss_first"]
     before = _dice(fixed_labels, moving_labels, torch.zeros(1, 3, 24, 24, 24))
@@ -62,14 +64,27 @@ def test_refinement_lowers_the_loss_and_raises_dice(similarity, invert):
     assert after > before + 0.03, (before, after)
 
 
-def test_mind_descriptors_ignore_an_intensity_inversion_and_rescaling():
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_mind_descriptors_ignore_an_intensity_inversion_and_rescaling(dilation):
     image, _ = phantom((24, 24, 24), seed=1)
     x = torch.from_numpy(normalise(image))[None, None]
-    reference = mind_ssc(x)
+    reference = mind_ssc(x, dilation=dilation)
     assert reference.shape == (1, 12, 24, 24, 24)
-    torch.testing.assert_close(mind_ssc(1.0 - x), reference, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(mind_ssc(3.0 * x + 7.0), reference, atol=1e-4, rtol=1e-3)
-    assert not torch.allclose(mind_ssc(x ** 3), reference, atol=1e-2)  # it does see structure change
+    torch.testing.assert_close(mind_ssc(1.0 - x, dilation=dilation), reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mind_ssc(3.0 * x + 7.0, dilation=dilation), reference, atol=1e-4, rtol=1e-3)
+    assert not torch.allclose(mind_ssc(x ** 3, dilation=dilation), reference, atol=1e-2)  # it sees structure change
+
+
+def test_mind_dilation_is_the_distance_between_the_compared_neighbours():
+    stripes = (torch.arange(16) % 2).float().view(1, 1, 1, 1, 16).expand(1, 1, 16, 16, 16)  # a 2-voxel period in i
+    inside = (slice(None), slice(None), *[slice(4, -4)] * 3)  # away from the replicated border
+    # neighbours 2 voxels apart see the same value everywhere: no patch differs, all 12 descriptors are 1
+    assert torch.allclose(mind_ssc(stripes, dilation=2)[inside], torch.ones(1, 12, 8, 8, 8))
+    # 1 voxel apart: of the 12 neighbour pairs, the 8 whose i differs by one see the same distance d, the 4 in
+    # the j-k plane none; the variance is the mean distance 8 d / 12, so those 8 are exp(-1.5), the 4 are 1
+    values = mind_ssc(stripes, dilation=1)[inside].sort(dim=1).values
+    expected = torch.tensor([math.exp(-1.5)] * 8 + [1.0] * 4).view(1, 12, 1, 1, 1).expand_as(values)
+    torch.testing.assert_close(values, expected)
 
 
 def test_auto_similarity_follows_the_contrast():

@@ -97,6 +97,7 @@ class Refiner:
     window: int = 9  # the training loss's NCC window
     lr: float = 0.1
     velocity_factor: int = 1  # upsample the starting velocity by this factor first
+    mind_dilation: int = 2  # voxels between the neighbours MIND-SSC compares
     patience: int = 10
     tolerance: float = 1e-3
     int_steps: int = 7
@@ -117,7 +118,8 @@ class Refiner:
         warp = SpatialTransformer()
         size = tuple(fixed.shape[2:])
         if similarity == "mind":
-            target, source = mind_ssc(fixed), mind_ssc(moving)  # descriptors of the moving image are warped
+            # descriptors of the moving image are warped
+            target, source = (mind_ssc(image, dilation=self.mind_dilation) for image in (fixed, moving))
         else:
             target, source = fixed, moving
 
