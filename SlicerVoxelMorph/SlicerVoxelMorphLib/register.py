@@ -42,8 +42,8 @@ COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
 # little or lost, 50-100 steps no more than 30, lr 0.03 folded more (see README, "Accurate mode"). Pairs of two
 # contrasts (MIND-SSC): neighbours 1 voxel apart (2 mm at the network level) instead of 2, S35..S40 -> S01 with the
 # moving image remapped: T2-like 0.6894 -> 0.6939 (every subject gained; ANTs SyN 0.6924), FLAIR-like 0.7011 ->
-# 0.7022, non-monotone 0.6588 -> 0.6634, inverted 0.6694 -> 0.6665; both dilations at once 0.6928 on T2-like;
-# with dilation 1, 50 steps or lr 0.03 lost again (0.690, 0.689), 20 steps 0.692
+# 0.7022, non-monotone 0.6588 -> 0.6634, inverted 0.6694 -> 0.6665; both dilations at once: T2-like 0.6928,
+# inverted 0.6697; with dilation 1, 50 steps or lr 0.03 lost again on T2-like (0.690, 0.689), 20 steps 0.692
 ACCURATE = {"steps": 30, "velocity_factor": 1, "window": 5, "smooth_weight": 0.1, "lr": 0.02, "tolerance": 1e-4,
             "mind_dilation": 1}
 # without a model, and when the safety net finds the network's result unusable, the optimisation has to
