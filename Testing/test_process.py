@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 PROBE = """
+import os
 import sys
 import numpy as np
 from SlicerVoxelMorphLib.cli import keep_freed_memory
 
 def resident_mb():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 block = np.ones(256 * 2**20, np.uint8)  # touched: 256 MB resident
