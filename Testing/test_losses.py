@@ -61,3 +61,20 @@ def test_box_mean_matches_scipy_uniform_filter_with_zero_padding(window):
     x = np.random.default_rng(window).random((2, 11, 12, 13)).astype(np.float32)
     expected = np.stack([uniform_filter(c.astype(np.float64), window, mode="constant") for c in x])
     np.testing.assert_allclose(box_mean(torch.from_numpy(x)[None], window)[0].numpy(), expected, atol=1e-5)
+
+
+def test_bending_energy_of_a_linear_field_is_zero_and_of_a_quadratic_is_hand_computed():
+    z = torch.arange(6.0).view(1, 1, 6, 1, 1).expand(1, 3, 6, 5, 4)
+    assert losses.bending(2 * z + 1).item() == pytest.approx(0.0, abs=1e-10)  # an affine field bends nothing
+    # v = z^2 / 2 in every channel: second difference along z is 1, the other second and mixed differences 0
+    assert losses.bending(z * z / 2).item() == pytest.approx(1.0, abs=1e-6)
+    # v = y z: d2v/dydz = 1, counted twice (the mixed terms of the Hessian's Frobenius norm)
+    y = torch.arange(5.0).view(1, 1, 1, 5, 1)
+    assert losses.bending((y * z).contiguous()).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_bending_energy_matches_numpy_second_differences():
+    v = np.random.default_rng(4).normal(size=(1, 3, 6, 7, 5))
+    expected = sum(np.mean(np.diff(v, n=2, axis=a) ** 2) for a in (2, 3, 4))
+    expected += 2 * sum(np.mean(np.diff(np.diff(v, axis=a), axis=b) ** 2) for a, b in ((2, 3), (2, 4), (3, 4)))
+    assert losses.bending(torch.from_numpy(v)).item() == pytest.approx(expected, rel=1e-9)

@@ -221,3 +221,25 @@ def test_an_image_registered_to_itself_is_left_exactly_where_it_is(tmp_path):
     assert report["alignment"]["network"] > 0  # the network's own field was not the identity
     found = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
     assert np.abs(found).max() == 0
+
+
+
+def test_bending_regulariser_keeps_a_linear_velocity_that_the_gradient_penalty_flattens():
+    """With images that say nothing (blank), only the regulariser acts: the bending energy removes a bump but keeps
+    a linear ramp (an affine part costs nothing, so a smooth field is continued where images are flat); the
+    first-order penalty flattens both."""
+    blank = torch.zeros(1, 1, 16, 16, 16)
+    w = torch.arange(8.0).view(1, 1, 1, 1, 8) - 3.5
+    ramp = torch.cat([0.2 * w.expand(1, 1, 8, 8, 8), torch.zeros(1, 2, 8, 8, 8)], dim=1)
+    bump = torch.zeros_like(ramp)
+    bump[0, 1, 3:5, 3:5, 3:5] = 0.5
+
+    def refined(**weights) -> torch.Tensor:
+        settings = {"steps": 60, "similarity": "ncc", "window": 5, "int_steps": 5, "lr": 0.02, "patience": 60}
+        return Refiner(**settings, **weights).execute(ramp + bump, blank, blank)[0]
+
+    bending = refined(smooth_weight=0.0, bending_weight=0.3)
+    diffusion = refined(smooth_weight=1.0)
+    assert (bending[:, 0] - ramp[:, 0]).abs().max() < 0.02  # the ramp's slope is 0.2 a voxel
+    assert (diffusion[:, 0] - ramp[:, 0]).abs().max() > 0.3
+    assert bending[:, 1].abs().max() < 0.4 and diffusion[:, 1].abs().max() < 0.4  # the bump shrank under both

@@ -80,6 +80,18 @@ def grad(flow: torch.Tensor, penalty: str = "l2") -> torch.Tensor:
     return total / 3
 
 
+def bending(flow: torch.Tensor) -> torch.Tensor:
+    """Bending energy: the squared Frobenius norm of the Hessian of a field (B, C, D, H, W) from second
+    differences, mean over voxels, summed over the Hessian's entries. Zero for any affine field, so unlike
+    ``grad`` it does not pull a field towards a constant where the images carry no information."""
+    total = flow.new_zeros(())
+    for axis in (2, 3, 4):
+        total = total + (torch.diff(flow, n=2, dim=axis) ** 2).mean()
+    for a, b in ((2, 3), (2, 4), (3, 4)):
+        total = total + 2 * (torch.diff(torch.diff(flow, dim=a), dim=b) ** 2).mean()
+    return total
+
+
 def dice(fixed_onehot: torch.Tensor, warped_onehot: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Negative mean soft Dice over the channels (labels) of two (B, L, D, H, W) probability maps."""
     dims = (2, 3, 4)

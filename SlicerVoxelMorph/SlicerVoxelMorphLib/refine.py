@@ -86,7 +86,8 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
 
 @dataclass
 class Refiner:
-    """Adam on the velocity minimising similarity(fixed, moving o phi) + smooth_weight * grad(velocity).
+    """Adam on the velocity minimising similarity(fixed, moving o phi) + smooth_weight * grad(velocity)
+    + bending_weight * bending(velocity).
 
     Stops early when the loss has not improved by ``tolerance`` (relative) over ``patience`` steps.
     """
@@ -94,6 +95,7 @@ class Refiner:
     steps: int = 100
     similarity: str = "auto"
     smooth_weight: float = 1.0
+    bending_weight: float = 0.0  # second-order regulariser: affine parts of the field cost nothing
     window: int = 9  # the training loss's NCC window
     lr: float = 0.1
     velocity_factor: int = 1  # upsample the starting velocity by this factor first
@@ -135,7 +137,10 @@ class Refiner:
                 match = losses.mse(target, warped, weight)
             else:
                 match = losses.ncc(target, warped, self.window, weight=weight)
-            return match + self.smooth_weight * losses.grad(velocity)
+            penalty = self.smooth_weight * losses.grad(velocity)
+            if self.bending_weight > 0:
+                penalty = penalty + self.bending_weight * losses.bending(velocity)
+            return match + penalty
 
         history: list[float] = []
         best, best_loss = velocity.detach().clone(), math.inf

@@ -49,6 +49,14 @@ ACCURATE = {"steps": 30, "velocity_factor": 1, "window": 5, "smooth_weight": 0.1
 # without a model, and when the safety net finds the network's result unusable, the optimisation has to
 # travel further: larger steps, more of them, a stronger regulariser (the earlier accurate preset)
 RESCUE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0, "lr": 0.1, "tolerance": 1e-4}
+# two scans of one head: the bending energy instead of the gradient penalty, which continues a smooth deformation
+# through texture-free tissue (skull, scalp) instead of pulling it towards zero there. Whole-head proxy
+# (benchmarks/head_field.py), S35, S36, S37 from the identity: the rescue preset 0.645, 0.64, 0.64 mm; bending 0.3
+# at lr 0.1: 0.441, 0.435, 0.440; bending 1.0: 0.490, 0.483, 0.479; on S35 bending 0.1 0.530, 0.03 0.709. Bending 3
+# and 10 at lr 0.1 on S35, and 0.3 at lr 0.1 on the 48^3 phantom of the tests, made Adam diverge (the identity was
+# kept); at lr 0.05 the phantom converges (0.44 mm, gradient penalty 0.49) and S35 reaches 0.467 in 100 steps, 0.440
+# in 135 of up to 150
+SAME_HEAD = {**RESCUE, "steps": 150, "lr": 0.05, "smooth_weight": 0.0, "bending_weight": 0.3}
 # the safety net compares descriptors on every other voxel of the network level (4 mm apart): the same
 # decisions on the LPBA40 validation pairs, their contrast and head variants, as on every voxel
 ALIGNMENT_STRIDE = 2
@@ -110,10 +118,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
              working: WorkingPair | None = None) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
-    Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model or for two scans of one head, see
-    SAME_HEAD_SCORE) or ``refine_steps`` steps with the same settings, ``similarity`` 'auto', 'ncc' or 'mind';
-    with ``auto_refine`` the network's result is refined with RESCUE when the pair looks like two scans of one
-    head or when it does not improve on the affine alignment (a warning says so).
+    Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model, SAME_HEAD for two scans of one head,
+    see SAME_HEAD_SCORE) or ``refine_steps`` steps with the same settings, ``similarity`` 'auto', 'ncc' or 'mind';
+    with ``auto_refine`` the network's result is refined with SAME_HEAD when the pair looks like two scans of one
+    head, with RESCUE when it does not improve on the affine alignment (a warning says so).
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
@@ -160,7 +168,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     masks = [None if a is None else torch.from_numpy(a)[None, None] for a in (working.fixed_mask, working.moving_mask)]
 
     def preset(values: dict) -> dict:
-        return {**values, "smooth_weight": values["smooth_weight"] * smoothness, "similarity": similarity}
+        weights = {name: values.get(name, 0.0) * smoothness for name in ("smooth_weight", "bending_weight")}
+        return {**values, **weights, "similarity": similarity}
 
     f_small, m_small = downsample(f, factor), downsample(m, factor)  # the network's image level
     same_head = None
@@ -170,7 +179,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
     # two scans of one head: the network's field is no better than none, so refinement starts from the identity
     one_head = same_head is not None and same_head["detected"]
-    settings = preset(RESCUE if net is None or one_head else ACCURATE)
+    settings = preset(SAME_HEAD if one_head else RESCUE if net is None else ACCURATE)
     auto_reason = None
     if accurate:
         refiner = Refiner(**settings)
@@ -178,8 +187,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         refiner = Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
     elif auto_refine and one_head:
         warnings.warn(f"the images look like two scans of one head (score {same_head['score']:.2f}): the network, "
-                      "trained on different subjects, does not recover their deformation; refining with the "
-                      "rescue preset", RuntimeWarning, stacklevel=2)
+                      "trained on different subjects, does not recover their deformation; refining it from the "
+                      "identity (image similarity, bending-energy regulariser)", RuntimeWarning, stacklevel=2)
         refiner, auto_reason = Refiner(**settings), "same head"
     else:
         refiner = None
