@@ -243,3 +243,33 @@ def test_bending_regulariser_keeps_a_linear_velocity_that_the_gradient_penalty_f
     assert (bending[:, 0] - ramp[:, 0]).abs().max() < 0.02  # the ramp's slope is 0.2 a voxel
     assert (diffusion[:, 0] - ramp[:, 0]).abs().max() > 0.3
     assert bending[:, 1].abs().max() < 0.4 and diffusion[:, 1].abs().max() < 0.4  # the bump shrank under both
+
+
+def test_a_pair_of_two_contrasts_is_refined_with_the_accurate_preset(tmp_path, capsys, monkeypatch):
+    import SimpleITK as sitk
+
+    from SlicerVoxelMorphLib import register
+
+    monkeypatch.setattr(register, "SAME_HEAD_SCORE", np.inf)  # this pair is one head deformed: that check apart
+    paths, _ = write_phantom_pair(tmp_path, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), field_seed=3,
+                                  sigma_mm=16.0, phantom_seed=5)
+    moving = sitk.ReadImage(str(paths["moving"]))
+    inverted = float(sitk.GetArrayFromImage(moving).max()) - moving  # dark where the fixed image is bright
+    sitk.WriteImage(inverted, str(tmp_path / "inverted.nii.gz"))
+    base = ["register", "--fixed", str(paths["fixed"]), "--fixed-labels", str(paths["fixed_labels"]),
+            "--moving-labels", str(paths["moving_labels"]), "--quiet"]
+    assert main([*base, "--moving", str(paths["moving"]), "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert one["intensity_correlation"] > 0.5 and "refinement" not in one and not one.get("auto_refined")
+    capsys.readouterr()
+    two = ["--moving", str(tmp_path / "inverted.nii.gz")]
+    assert main([*base, *two, "--no-auto-refine", "--out", str(tmp_path / "raw")]) == 0
+    raw = json.loads((tmp_path / "raw" / "report.json").read_text())
+    assert raw["intensity_correlation"] < 0 and "refinement" not in raw
+    assert main([*base, *two, "--out", str(tmp_path / "safe")]) == 0
+    assert "different contrasts" in capsys.readouterr().err
+    safe = json.loads((tmp_path / "safe" / "report.json").read_text())
+    assert safe["auto_refined"] and safe["auto_refine_reason"] == "two contrasts"
+    assert safe["refinement"]["similarity"] == "mind" and safe["refinement"]["steps_run"] <= register.ACCURATE["steps"]
+    assert safe["alignment"]["refined"] < safe["alignment"]["network"]
+    assert safe["mean_dice_after"] > raw["mean_dice_after"] + 0.01

@@ -290,6 +290,8 @@ def test_dice_table_rows_follow_the_report():
     assert "refined" not in text
     assert "two scans of one head" in scene.summary_text({**report, "auto_refined": True,
                                                           "auto_refine_reason": "same head"})
+    assert "different contrasts" in scene.summary_text({**report, "auto_refined": True,
+                                                        "auto_refine_reason": "two contrasts"})
     assert "did not improve" in scene.summary_text({**report, "auto_refined": True})
 
 

@@ -33,7 +33,7 @@ from .preprocess import (
     level_factor,
     working_pair,
 )
-from .refine import Refiner, mind_ssc, same_head_score
+from .refine import SAME_CONTRAST_CORRELATION, Refiner, intensity_correlation, mind_ssc, same_head_score
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
 COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
@@ -67,6 +67,11 @@ ALIGNMENT_STRIDE = 2
 # deformation (S35, S36: mean end-point error 2.18 -> 2.31 mm in the brain); the rescue preset does (0.52 mm on
 # S35), so it refines such pairs.
 SAME_HEAD_SCORE = 0.90
+# two contrasts (intensity correlation of the affinely aligned pair at or below SAME_CONTRAST_CORRELATION, where the
+# refinement would pick MIND-SSC): the network alone reaches less than on one contrast (LPBA40 S35..S40 -> S01,
+# moving image remapped: T2-like 0.665, inverted 0.620, non-monotone 0.625, against 0.729 plain), the accurate
+# preset more (0.694, 0.667, 0.663), so Fast mode refines such pairs with it. Flagged (benchmarks/generalisation.py
+# variants): inverted and T2-like 6 of 6, non-monotone 5, FLAIR-like 4, plain, monotone and synthetic head 0.
 TAPER_MM = 20.0  # outside the working grid the deformation fades to zero over this distance
 
 
@@ -121,7 +126,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model, SAME_HEAD for two scans of one head,
     see SAME_HEAD_SCORE) or ``refine_steps`` steps with the same settings, ``similarity`` 'auto', 'ncc' or 'mind';
     with ``auto_refine`` the network's result is refined with SAME_HEAD when the pair looks like two scans of one
-    head, with RESCUE when it does not improve on the affine alignment (a warning says so).
+    head, with ACCURATE when its contrasts differ, with RESCUE when it does not improve on the affine alignment
+    (a warning says so).
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
@@ -172,13 +178,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         return {**values, **weights, "similarity": similarity}
 
     f_small, m_small = downsample(f, factor), downsample(m, factor)  # the network's image level
-    same_head = None
+    same_head, correlation = None, None
     if net is not None:
-        clock("network")  # the network stage starts with this check of the pair
+        clock("network")  # the network stage starts with these checks of the pair
         score = same_head_score(m_small, f_small)
         same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
+        correlation = intensity_correlation(m_small, f_small)
     # two scans of one head: the network's field is no better than none, so refinement starts from the identity
     one_head = same_head is not None and same_head["detected"]
+    two_contrasts = correlation is not None and correlation <= SAME_CONTRAST_CORRELATION
     settings = preset(SAME_HEAD if one_head else RESCUE if net is None else ACCURATE)
     auto_reason = None
     if accurate:
@@ -190,6 +198,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
                       "trained on different subjects, does not recover their deformation; refining it from the "
                       "identity (image similarity, bending-energy regulariser)", RuntimeWarning, stacklevel=2)
         refiner, auto_reason = Refiner(**settings), "same head"
+    elif auto_refine and two_contrasts:
+        warnings.warn(f"the images have different contrasts (intensity correlation {correlation:.2f}), where the "
+                      "network alone is less accurate; refining with the accurate preset (MIND-SSC)", RuntimeWarning,
+                      stacklevel=2)
+        refiner, auto_reason = Refiner(**settings), "two contrasts"
     else:
         refiner = None
     fallback = Refiner(**preset(RESCUE)) if auto_refine else None
@@ -230,6 +243,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         "refine_steps": refine_steps, "accurate": accurate, "affine": affine or affine_transform is not None,
         **deform_report,
         **({"same_head": same_head} if same_head is not None else {}),
+        **({"intensity_correlation": round(correlation, 3)} if correlation is not None else {}),
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
         "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
                          "origin_lps": list(grid.GetOrigin())},

@@ -186,6 +186,9 @@ def summary_text(report: dict) -> str:
     if report.get("auto_refine_reason") == "same head":
         parts.append("the images look like two scans of one head, which the network does not register "
                      "finely, so the result was refined")
+    elif report.get("auto_refine_reason") == "two contrasts":
+        parts.append("the images have different contrasts, where the network alone is less accurate, so the "
+                     "result was refined")
     elif report.get("auto_refined"):
         parts.append("the network did not improve on the affine alignment, so the result was refined "
                      "(use Accurate mode for inputs unlike the model's training data)")
