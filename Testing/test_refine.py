@@ -273,3 +273,31 @@ def test_a_pair_of_two_contrasts_is_refined_with_the_accurate_preset(tmp_path, c
     assert safe["refinement"]["similarity"] == "mind" and safe["refinement"]["steps_run"] <= register.ACCURATE["steps"]
     assert safe["alignment"]["refined"] < safe["alignment"]["network"]
     assert safe["mean_dice_after"] > raw["mean_dice_after"] + 0.01
+
+
+def test_a_network_result_weaker_than_on_its_training_data_is_refined_with_the_accurate_preset(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """The rule's boundary: the same pair is refined with the accurate preset when the threshold lies just below
+    its distance ratio (network / affine only, recorded in the report) and left alone just above it."""
+    from SlicerVoxelMorphLib import register
+
+    monkeypatch.setattr(register, "SAME_HEAD_SCORE", np.inf)  # this pair is one head deformed: that check apart
+    paths, _ = write_phantom_pair(tmp_path, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), field_seed=3,
+                                  sigma_mm=16.0, phantom_seed=5)
+    base = ["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--quiet"]
+    assert main([*base, "--no-auto-refine", "--out", str(tmp_path / "raw")]) == 0
+    raw = json.loads((tmp_path / "raw" / "report.json").read_text())
+    ratio = raw["alignment"]["ratio"]
+    assert ratio == pytest.approx(raw["alignment"]["network"] / raw["alignment"]["affine_only"], abs=1e-3)
+    assert 0 < ratio < 1  # the network improved on the affine: the rescue fallback does not apply
+    monkeypatch.setattr(register, "WEAK_NETWORK_RATIO", ratio + 0.01)
+    assert main([*base, "--out", str(tmp_path / "kept")]) == 0
+    assert "refinement" not in json.loads((tmp_path / "kept" / "report.json").read_text())
+    capsys.readouterr()
+    monkeypatch.setattr(register, "WEAK_NETWORK_RATIO", ratio - 0.01)
+    assert main([*base, "--out", str(tmp_path / "refined")]) == 0
+    assert "less than on its training data" in capsys.readouterr().err
+    refined = json.loads((tmp_path / "refined" / "report.json").read_text())
+    assert refined["auto_refine_reason"] == "network weaker than on its training data"
+    assert refined["refinement"]["steps_run"] <= register.ACCURATE["steps"]
+    assert refined["alignment"]["refined"] < refined["alignment"]["network"]

@@ -292,6 +292,8 @@ def test_dice_table_rows_follow_the_report():
                                                           "auto_refine_reason": "same head"})
     assert "different contrasts" in scene.summary_text({**report, "auto_refined": True,
                                                         "auto_refine_reason": "two contrasts"})
+    assert "less well than its training data" in scene.summary_text({
+        **report, "auto_refined": True, "auto_refine_reason": "network weaker than on its training data"})
     assert "did not improve" in scene.summary_text({**report, "auto_refined": True})
 
 

@@ -57,6 +57,13 @@ RESCUE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0,
 # kept); at lr 0.05 the phantom converges (0.44 mm, gradient penalty 0.49) and S35 reaches 0.467 in 100 steps, 0.440
 # in 135 of up to 150
 SAME_HEAD = {**RESCUE, "steps": 150, "lr": 0.05, "smooth_weight": 0.0, "bending_weight": 0.3}
+# the network's result is refined with the accurate preset when it lowers the MIND-SSC distance of the affinely
+# aligned pair to more than this fraction (network / affine only): LPBA40 T1 pairs, bundled model (/tmp probes,
+# 2026-12-02): S11..S34 -> S01 0.654-0.803, S35..S40 -> S01 0.720-0.785 (FLAIR-like 0.735-0.786, monotone curve
+# 0.724-0.789), S01 -> S35..S40 0.647-0.777, S35..S40 scan to scan 0.616-0.770; S35..S40 -> S01 with a synthetic
+# head on both 0.827-0.943, where the network alone reaches a mean Dice of 0.661 and the accurate preset 0.713.
+# Midway between 0.803 and 0.827. A pair flagged wrongly costs seconds, not accuracy (plain: 0.729 -> 0.740).
+WEAK_NETWORK_RATIO = 0.815
 # the safety net compares descriptors on every other voxel of the network level (4 mm apart): the same
 # decisions on the LPBA40 validation pairs, their contrast and head variants, as on every voxel
 ALIGNMENT_STRIDE = 2
@@ -205,14 +212,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         refiner, auto_reason = Refiner(**settings), "two contrasts"
     else:
         refiner = None
-    fallback = Refiner(**preset(RESCUE)) if auto_refine else None
+    fallbacks = (Refiner(**preset(RESCUE)), Refiner(**preset(ACCURATE))) if auto_refine else None
     try:
-        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallbacks,
                                                           torch_device, clock, inverse, masks, one_head)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallback,
+        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallbacks,
                                                           torch.device("cpu"), clock, inverse, masks, one_head)
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
@@ -269,7 +276,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refiner: Refiner | None,
-            fallback: Refiner | None, device: torch.device, clock: _Clock, inverse: bool = False,
+            fallbacks: tuple[Refiner, Refiner] | None, device: torch.device, clock: _Clock, inverse: bool = False,
             masks: list[torch.Tensor | None] | None = None,
             from_identity: bool = False) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
     """Network prediction and optional refinement of ``fixed`` and ``moving`` at the network's image level
@@ -280,7 +287,8 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
     Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
     where a half-resolution network puts its velocity; with ``from_identity`` too (the network's result
     is then only reported). A network result that aligns the pair no better than the affine alone
-    (MIND-SSC distance) is refined with ``fallback`` when one is given.
+    (MIND-SSC distance) is refined with the first of ``fallbacks`` when they are given, one that improves on it
+    less than the network does on its training data (WEAK_NETWORK_RATIO) with the second.
     """
     fixed_small, moving_small = fixed.to(device), moving.to(device)
     fixed_mask, moving_mask = (None if mask is None else (downsample(mask.to(device), factor) > 0.5).float()
@@ -294,12 +302,19 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
             flow = displacement_from_velocity(velocity, size, int_steps)
             descriptors = mind_ssc(moving_small), mind_ssc(fixed_small)  # for both alignment checks
             info["alignment"] = alignment(*descriptors, flow)
-        if refiner is None and fallback is not None and \
-                info["alignment"]["network"] >= info["alignment"]["affine_only"]:
+        ratio = info["alignment"]["network"] / max(info["alignment"]["affine_only"], 1e-12)
+        info["alignment"]["ratio"] = round(ratio, 4)
+        if refiner is None and fallbacks is not None and ratio >= 1:
             warnings.warn("the network did not improve on the affine alignment of this pair (inputs unlike its "
                           "training data?): refining with the rescue preset", RuntimeWarning, stacklevel=3)
-            refiner = fallback
+            refiner = fallbacks[0]
             info.update(auto_refined=True, auto_refine_reason="network no better than the affine")
+        elif refiner is None and fallbacks is not None and ratio > WEAK_NETWORK_RATIO:
+            warnings.warn(f"the network improved the alignment of this pair less than on its training data "
+                          f"(distance ratio {ratio:.2f}): refining with the accurate preset", RuntimeWarning,
+                          stacklevel=3)
+            refiner = fallbacks[1]
+            info.update(auto_refined=True, auto_refine_reason="network weaker than on its training data")
     else:
         velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
         flow = torch.zeros(1, 3, *size, device=device)

@@ -189,6 +189,9 @@ def summary_text(report: dict) -> str:
     elif report.get("auto_refine_reason") == "two contrasts":
         parts.append("the images have different contrasts, where the network alone is less accurate, so the "
                      "result was refined")
+    elif report.get("auto_refine_reason") == "network weaker than on its training data":
+        parts.append("the network aligned these images less well than its training data, so the result was "
+                     "refined")
     elif report.get("auto_refined"):
         parts.append("the network did not improve on the affine alignment, so the result was refined "
                      "(use Accurate mode for inputs unlike the model's training data)")
