@@ -71,8 +71,8 @@ ALIGNMENT_STRIDE = 2
 # affine: LPBA40 S35..S37 against a copy under a smooth field (largest 6 mm), with and without a synthetic head,
 # with and without noise and bias: 0.926-0.969; S11..S40 to the atlas S01: 0.754-0.866 (S35..S37 with synthetic
 # heads on both: 0.627-0.707). The network, trained on different subjects, does not recover such a pair's
-# deformation (S35, S36: mean end-point error 2.18 -> 2.31 mm in the brain); the rescue preset does (0.52 mm on
-# S35), so it refines such pairs.
+# deformation (S35, S36: mean end-point error 2.18 -> 2.31 mm in the brain); refinement does (SAME_HEAD), so such
+# pairs are refined.
 SAME_HEAD_SCORE = 0.90
 # two contrasts (intensity correlation of the affinely aligned pair at or below SAME_CONTRAST_CORRELATION, where the
 # refinement would pick MIND-SSC): the network alone reaches less than on one contrast (LPBA40 S35..S40 -> S01,
@@ -207,8 +207,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         refiner, auto_reason = Refiner(**settings), "same head"
     elif auto_refine and two_contrasts:
         warnings.warn(f"the images have different contrasts (intensity correlation {correlation:.2f}), where the "
-                      "network alone is less accurate; refining with the accurate preset (MIND-SSC)", RuntimeWarning,
-                      stacklevel=2)
+                      "network alone is less accurate; refining with the accurate preset", RuntimeWarning, stacklevel=2)
         refiner, auto_reason = Refiner(**settings), "two contrasts"
     else:
         refiner = None
