@@ -6,7 +6,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import phantom, to_image
-from SlicerVoxelMorphLib import images
+from SlicerVoxelMorphLib import images, preprocess
 from SlicerVoxelMorphLib.errors import InputError
 from SlicerVoxelMorphLib.preprocess import affine_align, grid_for, level_factor, prepare
 from SlicerVoxelMorphLib.register import TAPER_MM, compose
@@ -157,3 +157,59 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(pair, monkeypatch):
     with pytest.warns(RuntimeWarning, match="running on the CPU"):
         result = pipeline.register(fixed, moving, model=None, refine_steps=2, device="cpu")
     assert len(calls) == 2 and str(calls[1]) == "cpu" and result.report["device"] == "cpu"
+
+
+def _brain_and_head() -> tuple[sitk.Image, sitk.Image, np.ndarray, np.ndarray]:
+    """A skull-stripped phantom brain (1 mm voxels, margin around it) and the same brain inside a head: a dark
+    gap of 6 mm and a bright scalp shell 10 mm thick, as on a T1 with skull; and both regions as (K, J, I) masks."""
+    from scipy.ndimage import distance_transform_edt
+
+    image, labels = phantom((80, 88, 72), seed=5)
+    brain_image = np.pad(image, 16)
+    brain = np.pad(labels > 0, 16)
+    distance = distance_transform_edt(~brain)  # mm outside the brain
+    shell = (distance > 6) & (distance <= 16)
+    head_image = brain_image + shell * float(image.max())
+    return to_image(brain_image), to_image(head_image.astype(np.float32)), brain, shell
+
+
+def test_a_head_against_a_skull_stripped_brain_is_told_by_foreground_volume():
+    brain, head, _, _ = _brain_and_head()
+    assert preprocess.head_side(brain, head) == "moving"
+    assert preprocess.head_side(head, brain) == "fixed"
+    assert preprocess.head_side(brain, brain) is None and preprocess.head_side(head, head) is None
+
+
+def test_a_brain_is_aligned_to_the_brain_inside_a_head_not_stretched_onto_the_head():
+    brain, head, inside, shell = _brain_and_head()
+    stretched = images.affine_matrix(preprocess.affine_align(brain, head))  # the metric sees the whole head
+    assert np.linalg.det(stretched[:3, :3]) > 1.15
+    aligned = preprocess.align(brain, head)
+    assert aligned.head_side == "moving" and aligned.fixed_mask is not None
+    matrix = images.affine_matrix(aligned.transform)  # the truth is the identity: the same brain, unmoved
+    assert abs(np.linalg.det(matrix[:3, :3]) - 1) < 0.05 and np.abs(matrix[:3, 3]).max() < 1.0
+    moving_mask = sitk.GetArrayFromImage(aligned.moving_mask) > 0  # the brain's outline, on the head's grid
+    assert moving_mask[inside].mean() > 0.95 and moving_mask[shell].mean() < 0.05
+
+
+def test_registration_masks_the_head_around_a_brain_on_both_paths(tmp_path, capsys):
+    """The command line (which aligns while torch loads) and register() both find the head, say so, and keep
+    the brain where it is (the pair is the same brain: the labels stay put)."""
+    import json
+
+    from SlicerVoxelMorphLib.cli import main
+    from SlicerVoxelMorphLib.register import register
+
+    brain, head, inside, _ = _brain_and_head()
+    labels = to_image(inside.astype(np.int16))
+    paths = {name: str(tmp_path / f"{name}.nii.gz") for name in ("brain", "head", "labels")}
+    for name, image in (("brain", brain), ("head", head), ("labels", labels)):
+        sitk.WriteImage(image, paths[name])
+    assert main(["register", "--fixed", paths["brain"], "--moving", paths["head"], "--fixed-labels", paths["labels"],
+                 "--moving-labels", paths["labels"], "--quiet", "--out", str(tmp_path / "out")]) == 0
+    assert "shows a head" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["head_masked"] == "moving" and report["mean_dice_after"] > 0.97
+    with pytest.warns(RuntimeWarning, match="shows a head"):
+        result = register(brain, head, fixed_labels=labels, moving_labels=labels)
+    assert result.report["head_masked"] == "moving" and result.report["mean_dice_after"] > 0.97

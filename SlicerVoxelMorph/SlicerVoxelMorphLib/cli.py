@@ -128,7 +128,7 @@ def run_register(args: argparse.Namespace) -> None:
         import SimpleITK as sitk
 
         from .inputs import check_inputs
-        from .preprocess import NETWORK_SPACING_MM, affine_align, working_pair
+        from .preprocess import NETWORK_SPACING_MM, align, working_pair
         from .report import write_report_png
 
         out = Path(args.out)
@@ -151,13 +151,11 @@ def run_register(args: argparse.Namespace) -> None:
         checked = check_inputs(**inputs, smoothness=args.smoothness)
         fixed, moving = inputs["fixed"], inputs["moving"]
         start = time.perf_counter()
-        transform = sitk.AffineTransform(3)
-        if not args.no_affine:
-            transform = affine_align(fixed, moving, progress, fixed_mask=checked.fixed_mask,
-                                     moving_mask=checked.moving_mask)
+        aligned = align(fixed, moving, progress, checked.fixed_mask, checked.moving_mask, not args.no_affine)
         affine_seconds = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
-        working = working_pair(fixed, moving, transform, NETWORK_SPACING_MM, checked.fixed_mask, checked.moving_mask)
+        working = working_pair(fixed, moving, aligned.transform, NETWORK_SPACING_MM, aligned.fixed_mask,
+                               aligned.moving_mask, aligned)
         resample_seconds = round(time.perf_counter() - start, 3)
         register = loading.join().register  # the import's own warnings are not the user's business
         if args.threads:

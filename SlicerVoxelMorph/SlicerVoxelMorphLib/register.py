@@ -27,7 +27,7 @@ from .models import load_model, resolve_model, versions
 from .preprocess import (
     WORKING_SPACING_MM,
     WorkingPair,
-    affine_align,
+    align,
     background_value,
     foreground_mask,
     level_factor,
@@ -163,19 +163,21 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     torch_device = pick_device(device)
 
     clock("affine")
-    given = working.transform if working is not None else affine_transform
-    if given is not None:
-        transform = given
-    elif affine:
-        transform = affine_align(fixed, moving, clock.progress, fixed_mask=fixed_mask, moving_mask=moving_mask)
-    else:
-        transform = sitk.AffineTransform(3)
+    aligned = working.alignment if working is not None else None
+    if aligned is None:
+        aligned = align(fixed, moving, clock.progress, fixed_mask, moving_mask, affine,
+                        working.transform if working is not None else affine_transform)
+    transform = aligned.transform
+    if aligned.head_side is not None:
+        warnings.warn(f"the {aligned.head_side} image shows a head (skull, scalp) around a brain that the other shows "
+                      "skull-stripped: aligning and registering the brains only (the other's outline masks it)",
+                      RuntimeWarning, stacklevel=2)
 
     clock("resample")
     spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
     factor = level_factor(spacing)
     if working is None or working.spacing_mm != spacing:
-        working = working_pair(fixed, moving, transform, spacing, fixed_mask, moving_mask)
+        working = working_pair(fixed, moving, transform, spacing, aligned.fixed_mask, aligned.moving_mask, aligned)
     grid, fixed_foreground = working.grid, working.fixed_foreground
     f, m = (torch.from_numpy(a)[None, None] for a in (working.fixed, working.moving))
     masks = [None if a is None else torch.from_numpy(a)[None, None] for a in (working.fixed_mask, working.moving_mask)]
@@ -250,6 +252,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         **deform_report,
         **({"same_head": same_head} if same_head is not None else {}),
         **({"intensity_correlation": round(correlation, 3)} if correlation is not None else {}),
+        **({"head_masked": aligned.head_side} if aligned.head_side is not None else {}),
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
         "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
                          "origin_lps": list(grid.GetOrigin())},
