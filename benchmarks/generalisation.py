@@ -3,8 +3,9 @@ or a synthetic head, through the whole ``register`` pipeline (network only by de
 With --scan-to-scan each subject goes to the next one of the list instead (the last to the first).
 
 Variants (SlicerVoxelMorphLib.variants): plain; the moving image remapped to inverted, T2-like,
-FLAIR-like, random monotone and random non-monotone contrasts (the fixed image stays T1); and both images
-with synthetic CSF rim, skull and scalp around the brain. Writes generalisation.md and .csv to --out.
+FLAIR-like, random monotone and random non-monotone contrasts (the fixed image stays T1); both images
+with synthetic CSF rim, skull and scalp around the brain; and (``moving_head``, not in the default list) the
+moving image with them, the fixed one skull-stripped. Writes generalisation.md and .csv to --out.
 
     python benchmarks/generalisation.py --models lpba40=PATH,synth=PATH [--subjects S35,S36] [--refine 0] [--accurate]
         [--scan-to-scan]
@@ -37,6 +38,9 @@ from SlicerVoxelMorphLib.synth import make_subject
 
 FIELDS = ["model", "variant", "subject", "mean_dice", "folding_percent", "seconds", "refined", "same_head_score"]
 ANTS = "ants"  # a model PATH that means ANTs SyN
+
+
+MOVING_HEAD = "moving_head"  # a head registered to a skull-stripped brain
 
 
 def variant_image(image: sitk.Image, labels: sitk.Image, kind: str, seed: int) -> sitk.Image:
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                              for path in find_subject(data, subjects[(n + 1) % len(subjects)]))
         ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
         for kind in kinds:
-            m = variant_image(moving, moving_labels, kind, n)
+            m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n)
             f = variant_image(fixed, fixed_labels, kind, 1000 + n) if kind == "head" else fixed
             for name, model in models.items():
                 start = time.perf_counter()
