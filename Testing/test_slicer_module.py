@@ -295,6 +295,7 @@ def test_dice_table_rows_follow_the_report():
     assert "less well than its training data" in scene.summary_text({
         **report, "auto_refined": True, "auto_refine_reason": "network weaker than on its training data"})
     assert "did not improve" in scene.summary_text({**report, "auto_refined": True})
+    assert "moving volume's skull and scalp were masked" in scene.summary_text({**report, "head_masked": "moving"})
 
 
 def test_labels_are_paired_by_value_or_by_name():

@@ -183,6 +183,8 @@ def summary_text(report: dict) -> str:
         parts.append(f"mean Dice {report['mean_dice_before']:.3f} -> {report['mean_dice_after']:.3f}")
     if "folding_percent" in report:
         parts.append(f"folding {report['folding_percent']:.3f} %")
+    if report.get("head_masked"):
+        parts.append(f"the {report['head_masked']} volume's skull and scalp were masked by the other's brain outline")
     if report.get("auto_refine_reason") == "same head":
         parts.append("the images look like two scans of one head, which the network does not register "
                      "finely, so the result was refined")
