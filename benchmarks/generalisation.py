@@ -4,8 +4,8 @@ With --scan-to-scan each subject goes to the next one of the list instead (the l
 
 Variants (SlicerVoxelMorphLib.variants): plain; the moving image remapped to inverted, T2-like,
 FLAIR-like, random monotone and random non-monotone contrasts (the fixed image stays T1); both images
-with synthetic CSF rim, skull and scalp around the brain; and (``moving_head``, not in the default list) the
-moving image with them, the fixed one skull-stripped. Writes generalisation.md and .csv to --out.
+with synthetic CSF rim, skull and scalp around the brain; and (``moving_head`` and ``fixed_head``, not in the
+default list) one image with them, the other skull-stripped. Writes generalisation.md and .csv to --out.
 
     python benchmarks/generalisation.py --models lpba40=PATH,synth=PATH [--subjects S35,S36] [--refine 0] [--accurate]
         [--scan-to-scan]
@@ -41,6 +41,7 @@ ANTS = "ants"  # a model PATH that means ANTs SyN
 
 
 MOVING_HEAD = "moving_head"  # a head registered to a skull-stripped brain
+FIXED_HEAD = "fixed_head"  # a skull-stripped brain registered to a head
 
 
 def variant_image(image: sitk.Image, labels: sitk.Image, kind: str, seed: int) -> sitk.Image:
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                                              for path in find_subject(data, subjects[(n + 1) % len(subjects)]))
         ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
         for kind in kinds:
-            m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n)
-            f = variant_image(fixed, fixed_labels, kind, 1000 + n) if kind == "head" else fixed
+            m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
+                if kind != FIXED_HEAD else moving
+            f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
             for name, model in models.items():
                 start = time.perf_counter()
                 refined, score = False, None
