@@ -178,6 +178,8 @@ def test_a_head_against_a_skull_stripped_brain_is_told_by_foreground_volume():
     assert preprocess.head_side(brain, head) == "moving"
     assert preprocess.head_side(head, brain) == "fixed"
     assert preprocess.head_side(brain, brain) is None and preprocess.head_side(head, head) is None
+    bright_background = float(sitk.GetArrayFromImage(brain).max()) - brain  # an inverted contrast: no head
+    assert preprocess.head_side(brain, bright_background) is None
 
 
 def test_a_brain_is_aligned_to_the_brain_inside_a_head_not_stretched_onto_the_head():

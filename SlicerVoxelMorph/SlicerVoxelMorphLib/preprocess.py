@@ -191,10 +191,10 @@ class Alignment:
 
 
 def head_side(fixed: sitk.Image, moving: sitk.Image) -> str | None:
-    """'moving' when the moving image's foreground is HEAD_VOLUME_RATIO times the fixed one's or more (a head
-    against a skull-stripped brain), 'fixed' for the reverse, None otherwise."""
+    """'moving' when the moving image's object (``object_mask``) is HEAD_VOLUME_RATIO times the fixed one's or
+    more in volume (a head against a skull-stripped brain), 'fixed' for the reverse, None otherwise."""
     coarse = [sitk.BinShrink(image, [HEAD_CHECK_SHRINK] * 3) for image in (fixed, moving)]  # 4x4x4 means
-    volumes = [foreground_mask(image).sum() * float(np.prod(image.GetSpacing())) for image in coarse]
+    volumes = [object_mask(image).sum() * float(np.prod(image.GetSpacing())) for image in coarse]
     if volumes[1] >= HEAD_VOLUME_RATIO * volumes[0]:
         return "moving"
     return "fixed" if volumes[0] >= HEAD_VOLUME_RATIO * volumes[1] else None
@@ -209,9 +209,9 @@ def align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float]
     the head image's skull and scalp for the network and the refinement."""
     side = head_side(fixed, moving) if fixed_mask is None and moving_mask is None else None
     if side == "moving":
-        fixed_mask = _mask_image(foreground_mask(fixed), fixed)
+        fixed_mask = _mask_image(object_mask(fixed), fixed)
     elif side == "fixed":
-        moving_mask = _mask_image(foreground_mask(moving), moving)
+        moving_mask = _mask_image(object_mask(moving), moving)
     if transform is None:
         transform = affine_align(fixed, moving, progress, fixed_mask=fixed_mask, moving_mask=moving_mask) \
             if affine else sitk.AffineTransform(3)
@@ -220,6 +220,15 @@ def align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float]
     elif side == "fixed":
         fixed_mask = resample(moving_mask, fixed, transform, labels=True)
     return Alignment(transform, fixed_mask, moving_mask, side)
+
+
+def object_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
+    """Voxels that differ from the level at the image's faces (its background, dark or bright: an inverted or
+    remapped contrast) by more than ``fraction`` of the robust intensity range, (K, J, I) bool."""
+    array = normalise(sitk.GetArrayFromImage(image))
+    faces = np.concatenate([array[index].ravel() for index in
+                            ((0,), (-1,), (slice(None), 0), (slice(None), -1), (..., 0), (..., -1))])
+    return np.abs(array - np.median(faces)) > fraction
 
 
 def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
