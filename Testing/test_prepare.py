@@ -215,3 +215,19 @@ def test_registration_masks_the_head_around_a_brain_on_both_paths(tmp_path, caps
     with pytest.warns(RuntimeWarning, match="shows a head"):
         result = register(brain, head, fixed_labels=labels, moving_labels=labels)
     assert result.report["head_masked"] == "moving" and result.report["mean_dice_after"] > 0.97
+
+
+def test_a_working_pair_handed_over_is_taken_as_built():
+    """A caller's working pair (built without ``align``) keeps its masks: nothing reports a head masking that
+    the network never saw."""
+    import warnings
+
+    from SlicerVoxelMorphLib.register import register
+
+    brain, head, inside, _ = _brain_and_head()
+    labels = to_image(inside.astype(np.int16))
+    working = preprocess.working_pair(brain, head, sitk.AffineTransform(3), preprocess.NETWORK_SPACING_MM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no warning about masking a head
+        result = register(brain, head, fixed_labels=labels, moving_labels=labels, working=working, auto_refine=False)
+    assert "head_masked" not in result.report

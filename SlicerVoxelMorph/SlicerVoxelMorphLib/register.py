@@ -26,6 +26,7 @@ from .layers import (
 from .models import load_model, resolve_model, versions
 from .preprocess import (
     WORKING_SPACING_MM,
+    Alignment,
     WorkingPair,
     align,
     background_value,
@@ -144,9 +145,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     moving points), used instead of the affine stage (whatever ``affine`` says). Callers that did the
     torch-free stages already (the command line, while torch imports) hand over ``checked``
     (``inputs.check_inputs`` of these inputs) and ``working`` (``preprocess.working_pair`` of these
-    images and the checked masks): its transform replaces the affine stage, and it is rebuilt when its
-    spacing is not the model's. The result lives on the fixed image's grid; with ``inverse`` also the
-    inverse field on the moving image's grid (velocity integrated backwards, inverse affine).
+    images and the checked masks, or of what ``preprocess.align`` gave): its transform and masks replace the
+    affine stage and the head check, and it is rebuilt with them when its spacing is not the model's. The
+    result lives on the fixed image's grid; with ``inverse`` also the inverse field on the moving image's grid
+    (velocity integrated backwards, inverse affine).
     ``progress(stage, fraction)`` is called often; it may raise ``errors.Cancelled`` to stop.
     Bad input raises ``errors.InputError``.
     """
@@ -163,10 +165,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     torch_device = pick_device(device)
 
     clock("affine")
-    aligned = working.alignment if working is not None else None
-    if aligned is None:
-        aligned = align(fixed, moving, clock.progress, fixed_mask, moving_mask, affine,
-                        working.transform if working is not None else affine_transform)
+    if working is not None:  # as the caller built it: its transform and masks
+        aligned = working.alignment or Alignment(working.transform, fixed_mask, moving_mask, None)
+    else:
+        aligned = align(fixed, moving, clock.progress, fixed_mask, moving_mask, affine, affine_transform)
     transform = aligned.transform
     if aligned.head_side is not None:
         warnings.warn(f"the {aligned.head_side} image shows a head (skull, scalp) around a brain that the other shows "
