@@ -185,19 +185,23 @@ def summary_text(report: dict) -> str:
         parts.append(f"folding {report['folding_percent']:.3f} %")
     if report.get("head_masked"):
         parts.append(f"the {report['head_masked']} volume's skull and scalp were masked by the other's brain outline")
-    if report.get("auto_refine_reason") == "same head":
-        parts.append("the images look like two scans of one head, which the network does not register "
-                     "finely, so the result was refined")
-    elif report.get("auto_refine_reason") == "two contrasts":
-        parts.append("the images have different contrasts, where the network alone is less accurate, so the "
-                     "result was refined")
-    elif report.get("auto_refine_reason") == "network weaker than on its training data":
-        parts.append("the network aligned these images less well than its training data, so the result was "
-                     "refined")
-    elif report.get("auto_refined"):
-        parts.append("the network did not improve on the affine alignment, so the result was refined "
-                     "(use Accurate mode for inputs unlike the model's training data)")
+    if report.get("auto_refined"):
+        parts.append(REFINE_REASONS.get(report.get("auto_refine_reason"), REFINE_REASONS[NO_BETTER]))
     return "; ".join(parts)
+
+
+# the status line's words for each ``auto_refine_reason`` of a report (reports without one: NO_BETTER)
+NO_BETTER = "network no better than the affine"
+REFINE_REASONS = {
+    "same head": "the images look like two scans of one head, which the network does not register finely, so the "
+                 "result was refined",
+    "two contrasts": "the images have different contrasts, where the network alone is less accurate, so the result "
+                     "was refined",
+    "network weaker than on its training data": "the network aligned these images less well than its training "
+                                                "data, so the result was refined",
+    NO_BETTER: "the network did not improve on the affine alignment, so the result was refined (use Accurate mode for "
+          "inputs unlike the model's training data)",
+}
 
 
 # Stages the engine reports through ``progress(stage, fraction)``, with a rough share of the run time.
