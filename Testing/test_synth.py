@@ -39,6 +39,22 @@ def test_generation_labels_keep_structures_and_split_tissues():
     assert (distance[brain] == 0).all() and (distance[~brain] > 0).all()
 
 
+def test_unlabelled_tissue_enclosed_by_structures_is_brain_even_where_a_gap_opens_it_to_the_outside():
+    # LPBA40 labels the cortex and a few deep structures, not the white matter and ventricles they enclose,
+    # and that inside reaches the outside through gaps between structures: it is brain, not background
+    shape = (48, 48, 48)
+    z, y, x = np.indices(shape) - 23.5
+    radius = np.sqrt(z**2 + y**2 + x**2)
+    labels = np.where((radius > 14) & (radius < 18), 1, 0)
+    labels[(z > 0) & (np.abs(y) < 3) & (np.abs(x) < 3)] = 0  # a 6-voxel channel from the inside out
+    image = np.where(radius < 18, 0.6, 0.0) + np.where(radius < 14, 0.3, 0.0)
+    subject = make_subject("shell", to_image(image.astype(np.float32)), to_image(labels), [1])
+    brain = subject.generation[0, 0].numpy() > HEAD_LAYERS
+    assert brain[radius < 13].all()  # the enclosed white matter
+    assert not brain[radius > 20].any()  # the background stays outside
+    assert (subject.distance[0, 0].numpy()[radius < 13] == 0).all()  # no head layers drawn inside
+
+
 def test_without_deformation_the_structures_are_the_label_map_and_the_image_is_constant_per_label():
     subject, labels = _subject()
     rng = np.random.default_rng(3)
@@ -172,3 +188,44 @@ def test_a_rescan_pair_is_one_image_under_its_known_flow_and_scores_the_head():
         assert head[0, 0][f_soft[0, 0] > 0.5].all()
     sizes = [int(p[5].sum()) for p in pairs]
     assert max(sizes) > 1.3 * min(sizes)  # with head layers the scored region grows beyond the brain
+
+
+def test_expansion_pushes_tissue_away_from_a_region_without_folding():
+    region = torch.zeros(1, 1, 40, 40, 40)
+    region[..., 14:26, 14:26, 14:26] = 1
+    flow = synth.expansion_flow(region, amplitude=2.0, sd=2.0)
+    # just outside each face the sample point moves into the cube: +W on its low-W side, -D on its high-D side
+    assert flow[0, 2, 20, 20, 12] > 0.5 and abs(flow[0, 0, 20, 20, 12]) < 0.1
+    assert flow[0, 0, 27, 20, 20] < -0.5
+    assert flow.abs().max() < 2.0 * 2  # the velocity is capped; integration moves a point little further
+    grown = torch.nn.functional.grid_sample(region, synth.identity_sampling_grid((40, 40, 40))
+                                            + synth.normalised_flow(flow), align_corners=False)
+    assert (grown > 0.5).sum() > 1.3 * region.sum()  # 12^3 -> about 14^3 voxels
+    # independent reference: numpy finite differences of the mapping x -> x + flow(x)
+    grad = np.stack([np.stack(np.gradient(flow[0, c].numpy()), 0) for c in range(3)], 0)  # (3, 3, D, H, W)
+    jacobian = np.moveaxis(grad, (0, 1), (-2, -1)) + np.eye(3)
+    assert np.linalg.det(jacobian).min() > 0
+
+
+def test_expansion_off_leaves_the_random_stream_of_older_recipes():
+    subject, _ = _subject()
+    a, b = np.random.default_rng(4), np.random.default_rng(4)
+    off = Synthesiser(SynthSettings(expansion_probability=0.0)).labels(subject, a, (32, 32, 32))
+    default = Synthesiser().labels(subject, b, (32, 32, 32))
+    assert torch.equal(off, default) and a.random() == b.random()
+
+
+def test_aged_variant_moves_image_and_labels_together_and_widens_the_csf():
+    shape = (40, 40, 40)
+    z, y, x = np.indices(shape) - 19.5
+    radius = np.sqrt(z**2 + y**2 + x**2)
+    labels = np.where((radius > 6) & (radius < 16), 1, 0).astype(np.int16)  # tissue around a CSF-filled centre
+    csf = radius <= 6
+    image = np.where(labels > 0, 0.8, 0.0) + np.where(csf, 0.2, 0.0)
+    aged_image, aged_labels = variants.aged(image.astype(np.float32), labels, csf, voxel_mm=1.0, amplitude_mm=3.0)
+    assert aged_labels.dtype == labels.dtype
+    assert (aged_labels[radius < 6] == 0).all()
+    assert ((aged_labels == 0) & (radius < 12)).sum() > 1.2 * csf.sum()  # the CSF-filled centre grew
+    tissue = aged_labels > 0
+    assert np.abs(aged_image[tissue] - 0.8).mean() < 0.05  # the image went where its labels went
+    assert (aged_image[~tissue & (radius < 10)] < 0.5).mean() > 0.9

@@ -4,8 +4,10 @@ With --scan-to-scan each subject goes to the next one of the list instead (the l
 
 Variants (SlicerVoxelMorphLib.variants): plain; the moving image remapped to inverted, T2-like,
 FLAIR-like, random monotone and random non-monotone contrasts (the fixed image stays T1); both images
-with synthetic CSF rim, skull and scalp around the brain; and (``moving_head`` and ``fixed_head``, not in the
-default list) one image with them, the other skull-stripped. Writes generalisation.md and .csv to --out.
+with synthetic CSF rim, skull and scalp around the brain; and, not in the default list, one image with them,
+the other skull-stripped (``moving_head``, ``fixed_head``), or the moving subject made to look older (``aged``:
+image and labels pushed away from its CSF, ``variants.aged``: wider ventricles and sulci).
+Writes generalisation.md and .csv to --out.
 
     python benchmarks/generalisation.py --models lpba40=PATH,synth=PATH [--subjects S35,S36] [--refine 0] [--accurate]
         [--scan-to-scan]
@@ -34,7 +36,7 @@ from lpba40 import ATLAS, DEFAULT_DATA, ants_syn, default_subjects, find_file, f
 from SlicerVoxelMorphLib import metrics, variants
 from SlicerVoxelMorphLib.preprocess import normalise
 from SlicerVoxelMorphLib.register import register
-from SlicerVoxelMorphLib.synth import make_subject
+from SlicerVoxelMorphLib.synth import csf_of, make_subject
 
 FIELDS = ["model", "variant", "subject", "mean_dice", "folding_percent", "seconds", "refined", "same_head_score"]
 ANTS = "ants"  # a model PATH that means ANTs SyN
@@ -42,6 +44,19 @@ ANTS = "ants"  # a model PATH that means ANTs SyN
 
 MOVING_HEAD = "moving_head"  # a head registered to a skull-stripped brain
 FIXED_HEAD = "fixed_head"  # a skull-stripped brain registered to a head
+AGED = "aged"  # the moving subject with wider ventricles and sulci
+
+
+def aged_subject(image: sitk.Image, labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """The image and its labels made to look older (``variants.aged`` of its CSF class), same grid."""
+    ids = metrics.label_ids(sitk.GetArrayViewFromImage(labels))
+    csf = csf_of(make_subject("v", image, labels, ids).generation)[0, 0].numpy()
+    arrays = variants.aged(sitk.GetArrayFromImage(image).astype(np.float32), sitk.GetArrayFromImage(labels), csf,
+                           image.GetSpacing()[0])
+    out = [sitk.GetImageFromArray(a) for a in arrays]
+    for new, old in zip(out, (image, labels), strict=True):
+        new.CopyInformation(old)
+    return out[0], sitk.Cast(out[1], labels.GetPixelID())
 
 
 def variant_image(image: sitk.Image, labels: sitk.Image, kind: str, seed: int) -> sitk.Image:
@@ -109,16 +124,20 @@ def main(argv: list[str] | None = None) -> int:
                                              for path in find_subject(data, subjects[(n + 1) % len(subjects)]))
         ids = metrics.label_ids(sitk.GetArrayViewFromImage(fixed_labels))
         for kind in kinds:
-            m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
-                if kind != FIXED_HEAD else moving
+            m_labels = moving_labels
+            if kind == AGED:
+                m, m_labels = aged_subject(moving, moving_labels)
+            else:
+                m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
+                    if kind != FIXED_HEAD else moving
             f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
             for name, model in models.items():
                 start = time.perf_counter()
                 refined, score = False, None
                 if model == ANTS:
-                    warped, folding = syn(f, m, moving_labels, fixed_labels)
+                    warped, folding = syn(f, m, m_labels, fixed_labels)
                 else:
-                    result = register(f, m, fixed_labels=fixed_labels, moving_labels=moving_labels, model=model,
+                    result = register(f, m, fixed_labels=fixed_labels, moving_labels=m_labels, model=model,
                                       device="cpu", refine_steps=args.refine, auto_refine=args.auto_refine,
                                       accurate=args.accurate)
                     warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]

@@ -393,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of iterations on a real training image and a copy of it under a known random "
                         "deformation (two scans of one head, with or without skull), scored by --field-weight "
                         "(default 0)")
+    t.add_argument("--csf-expansion", type=float,
+                   help="share of synthesised label maps whose tissue is pushed away from the CSF by a random "
+                        "amount (wider ventricles and sulci, as in older brains; default 0)")
     t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")

@@ -60,16 +60,30 @@ def tissue_classes(image: np.ndarray, brain: np.ndarray, classes: int = TISSUES)
     return out
 
 
-def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: list[int]) -> SynthSubject:
-    """Generation label map and outside-brain distance of one labelled image (labels on its grid).
+BRAIN_CLOSING_MM = 8.0  # gaps between labelled structures up to twice this wide are closed over
 
-    The brain is the labelled voxels with holes filled (ventricles and sulci inside the hull stay brain).
-    """
+
+def brain_mask(labels: sitk.Image) -> sitk.Image:
+    """The brain of a label map (UInt8): its labelled voxels and the unlabelled tissue they enclose (white
+    matter, ventricles, sulci), even where that opens to the outside through gaps between structures:
+    dilated by BRAIN_CLOSING_MM (in a margin, so the image's faces do not matter), holes filled, eroded back."""
+    labelled = sitk.Cast(labels > 0, sitk.sitkUInt8)
+    radius = [max(1, round(BRAIN_CLOSING_MM / spacing)) for spacing in labels.GetSpacing()]
+    padded = sitk.ConstantPad(labelled, radius, radius, 0)
+    enclosed = sitk.BinaryErode(sitk.BinaryFillhole(sitk.BinaryDilate(padded, radius)), radius)
+    enclosed = sitk.Crop(enclosed, radius, radius)
+    enclosed.CopyInformation(labelled)
+    return sitk.Or(enclosed, labelled)
+
+
+def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: list[int]) -> SynthSubject:
+    """Generation label map and outside-brain distance of one labelled image (labels on its grid); the
+    brain is ``brain_mask`` of the labels."""
     labels = check_labels(labels, image, f"{name} labels")
     label_array = sitk.GetArrayFromImage(labels).astype(np.int64)
     if not np.isin(label_array, [0, *label_set]).all():
         raise InputError(f"{name}: label ids outside the synthesis label set")
-    brain_image = sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(sitk.Cast(labels > 0, sitk.sitkUInt8), [2] * 3))
+    brain_image = brain_mask(labels)
     brain = sitk.GetArrayFromImage(brain_image).astype(bool)
     intensity = normalise(sitk.GetArrayFromImage(image))
     tissue = tissue_classes(intensity, brain)
@@ -118,6 +132,9 @@ class SynthSettings:
     shift: float = 0.05
     velocity_sd: float = 3.0  # SD of the stationary velocity, voxels of the output grid, at 1/8 resolution
     atrophy_probability: float = 0.5  # grow CSF into neighbouring tissue (larger sulci and ventricles)
+    expansion_probability: float = 0.0  # push tissue away from CSF (a shape change: wider ventricles and sulci)
+    expansion_voxels: float = 3.0  # largest velocity of that push, output voxels
+    expansion_sd: float = 2.0  # blur of the CSF map whose gradient is the push, output voxels
     head_probability: float = 0.6  # draw skull and scalp layers (else a skull-stripped look)
     head_mm: tuple[float, float] = (1.0, 8.0)  # thickness range of each head layer
     background_zero_probability: float = 0.3
@@ -150,9 +167,7 @@ class Synthesiser:
         grid = F.affine_grid(theta, [1, 1, *size], align_corners=False)
         half = tuple(max(2, n // 2) for n in size)  # integrated at half size, where it is smooth anyway
         velocity = smooth_noise(rng, 3, tuple(max(2, n // 8) for n in size), half, rng.uniform(0, s.velocity_sd) / 2)
-        flow = displacement_from_velocity(velocity, size, steps=5)  # voxels of the output grid, along D, H, W
-        scale = torch.tensor([2.0 / n for n in size[::-1]]).view(1, 1, 1, 1, 3)
-        return grid + flow.permute(0, 2, 3, 4, 1).flip(-1) * scale
+        return grid + normalised_flow(displacement_from_velocity(velocity, size, steps=5))
 
     def labels(self, subject: SynthSubject, rng: np.random.Generator, size: tuple[int, ...]) -> torch.Tensor:
         """Deformed generation labels on an output grid of ``size`` (spacing of the subject times
@@ -160,6 +175,10 @@ class Synthesiser:
         s = self.settings
         grid = self.deformation(rng, size)
         generation = F.grid_sample(subject.generation, grid, mode="nearest", align_corners=False).long()
+        if s.expansion_probability > 0 and rng.random() < s.expansion_probability:  # no draw: older runs' streams
+            flow = expansion_flow(csf_of(generation), rng.uniform(0, s.expansion_voxels), s.expansion_sd)
+            generation = F.grid_sample(generation.float(), identity_sampling_grid(size) + normalised_flow(flow),
+                                       mode="nearest", align_corners=False).long()
         if rng.random() < s.head_probability:
             distance = F.grid_sample(subject.distance, grid, mode="bilinear", align_corners=False,
                                      padding_mode="border")
@@ -176,7 +195,7 @@ class Synthesiser:
         """Grow the CSF class one voxel into neighbouring brain tissue where a smooth random map allows."""
         brain = generation > HEAD_LAYERS
         tissue = (generation - 1 - HEAD_LAYERS) % TISSUES
-        csf = (brain & (tissue == 0)).float()
+        csf = csf_of(generation).float()
         grown = F.max_pool3d(csf, 3, stride=1, padding=1) > 0
         allowed = smooth_noise(rng, 1, tuple(max(2, n // 6) for n in generation.shape[2:]),
                                tuple(generation.shape[2:]), 1.0) > rng.uniform(-0.5, 1.0)
@@ -255,6 +274,37 @@ def flow_of_grid(grid: torch.Tensor) -> torch.Tensor:
     extent = torch.tensor(size[::-1], dtype=torch.float32, device=grid.device)  # W, H, D as the grid's x, y, z
     index = ((grid + 1) * extent - 1) / 2  # align_corners=False: voxel centre i sits at (2 i + 1) / n - 1
     return index.flip(-1).permute(0, 4, 1, 2, 3) - identity_grid(size, grid.device)
+
+
+def identity_sampling_grid(size: tuple[int, ...]) -> torch.Tensor:
+    """The identity sampling grid (1, *size, 3) in normalised coordinates (align_corners=False)."""
+    return F.affine_grid(torch.eye(3, 4)[None], [1, 1, *size], align_corners=False)
+
+
+def normalised_flow(flow: torch.Tensor) -> torch.Tensor:
+    """A displacement (1, 3, D, H, W) in voxels along D, H, W as an offset (1, D, H, W, 3) of a sampling grid
+    in normalised coordinates (align_corners=False, x = W first): the inverse of ``flow_of_grid``'s step."""
+    size = tuple(flow.shape[2:])
+    scale = torch.tensor([2.0 / n for n in size[::-1]], dtype=flow.dtype, device=flow.device).view(1, 1, 1, 1, 3)
+    return flow.permute(0, 2, 3, 4, 1).flip(-1) * scale
+
+
+def csf_of(generation: torch.Tensor) -> torch.Tensor:
+    """Where a generation label map (1, 1, *size) has the CSF class inside the brain, bool."""
+    return (generation > HEAD_LAYERS) & ((generation - 1 - HEAD_LAYERS) % TISSUES == 0)
+
+
+def expansion_flow(region: torch.Tensor, amplitude: float, sd: float, steps: int = 5) -> torch.Tensor:
+    """A diffeomorphic displacement (1, 3, D, H, W), voxels along D, H, W, that grows ``region`` (1, 1, D, H, W):
+    the velocity is the gradient of the region blurred by ``sd`` voxels, scaled to ``amplitude`` voxels at the
+    edge of a large region (less at thin ones) and capped there, so sampling at x + flow(x) draws the region
+    outwards (atrophy: wider ventricles and sulci, tissue pushed away from them)."""
+    smooth = blur(region.float(), np.full(3, sd))[0, 0]
+    velocity = torch.stack(torch.gradient(smooth), 0)[None] * (amplitude * math.sqrt(2 * math.pi) * sd)
+    velocity = velocity * (amplitude / velocity.norm(dim=1, keepdim=True).clamp_min(amplitude))
+    size = tuple(region.shape[2:])
+    half = tuple(max(2, n // 2) for n in size)  # integrated at half size (voxels of that grid), as it is smooth
+    return displacement_from_velocity(F.interpolate(velocity, size=half, mode="trilinear") / 2, size, steps)
 
 
 def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:

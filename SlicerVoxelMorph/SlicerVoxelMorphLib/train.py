@@ -22,7 +22,7 @@ from .layers import ResizeTransform, SpatialTransformer, downsample
 from .models import load_model, resolve_model, save_model
 from .networks import VxmDense
 from .preprocess import grid_for, level_factor, prepare, resample
-from .synth import Synthesiser, SynthSubject, flow_of_grid, make_subject, random_affine_matrix
+from .synth import Synthesiser, SynthSettings, SynthSubject, flow_of_grid, make_subject, random_affine_matrix
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TrainConfig:
     known_fraction: float = 0.0  # of those, the share drawn from one label map and a deformed copy of it
     field_weight: float = 0.0  # weight of the squared end-point error against a known pair's deformation
     rescan_fraction: float = 0.0  # share of iterations on a real image and a deformed copy (variants.rescan_pair)
+    csf_expansion: float = 0.0  # share of synthesised label maps with tissue pushed away from CSF (older brains)
     init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
@@ -119,7 +120,7 @@ class Trainer:
         if config.init_model and warm_start:  # a resumed run takes its weights from the checkpoint
             self._warm_start(config.init_model)
         self.net.to(device)
-        self.synthesiser = Synthesiser()
+        self.synthesiser = Synthesiser(SynthSettings(expansion_probability=config.csf_expansion))
         self.best_score = -math.inf
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.iteration = 0
@@ -144,6 +145,8 @@ class Trainer:
             raise InputError(f"--known-fraction must be in [0, 1], not {c.known_fraction}")
         if c.known_fraction > 0 and c.synth_fraction == 0:
             raise InputError("--known-fraction is a share of the synthesised pairs: give --synth-fraction too")
+        if not 0 <= c.csf_expansion <= 1:
+            raise InputError(f"--csf-expansion must be in [0, 1], not {c.csf_expansion}")
         if not 0 <= c.rescan_fraction <= 1 - c.synth_fraction:
             raise InputError(f"--rescan-fraction must be in [0, 1 - synth fraction], not {c.rescan_fraction}")
         if c.rescan_fraction > 0 and (not c.labels or c.field_weight <= 0):

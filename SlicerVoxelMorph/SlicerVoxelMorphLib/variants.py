@@ -1,4 +1,4 @@
-"""Variants of a real T1 brain image: remapped contrasts, a synthetic head around it, a rescan.
+"""Variants of a real T1 brain image: remapped contrasts, a synthetic head around it, an older brain, a rescan.
 
 Each validation variant is a fixed, seeded function of one normalised image, so validation figures
 are comparable across checkpoints and models: they measure generalisation to other contrasts and to
@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from .preprocess import normalise
-from .synth import Synthesiser, SynthSettings, blur, flow_of_grid, tissue_centres
+from .synth import (
+    Synthesiser,
+    SynthSettings,
+    blur,
+    expansion_flow,
+    flow_of_grid,
+    identity_sampling_grid,
+    normalised_flow,
+    tissue_centres,
+)
 
 CONTRASTS = ("inverted", "t2", "flair", "monotone", "nonmonotone")
 VARIANTS = ("plain", *CONTRASTS, "head")
@@ -76,6 +85,23 @@ def variant(image: np.ndarray, kind: str, distance_mm: np.ndarray | None = None,
             raise ValueError("the head variant needs the distance outside the brain")
         return add_head(image, distance_mm, seed, voxel_mm=voxel_mm)
     return remap_contrast(image, kind, seed)
+
+
+AGED_MM = 8.0  # largest velocity of the older-brain variant's push away from CSF
+AGED_SD_MM = 4.0  # blur of the CSF map whose gradient is that push
+
+
+def aged(image: np.ndarray, labels: np.ndarray, csf: np.ndarray, voxel_mm: float = 1.0,
+         amplitude_mm: float = AGED_MM) -> tuple[np.ndarray, np.ndarray]:
+    """An older-looking brain: ``image`` (linear) and ``labels`` (nearest) under ``synth.expansion_flow`` of
+    its CSF map ``csf`` (bool, same grid): wider ventricles and sulci, structures pushed away from them."""
+    flow = expansion_flow(torch.from_numpy(csf)[None, None], amplitude_mm / voxel_mm, AGED_SD_MM / voxel_mm)
+    grid = identity_sampling_grid(csf.shape) + normalised_flow(flow)
+    warped_image = F.grid_sample(torch.from_numpy(np.asarray(image, dtype=np.float32))[None, None], grid,
+                                 align_corners=False, padding_mode="border")
+    warped_labels = F.grid_sample(torch.from_numpy(labels.astype(np.float32))[None, None], grid, mode="nearest",
+                                  align_corners=False)
+    return warped_image[0, 0].numpy(), warped_labels[0, 0].numpy().astype(labels.dtype)
 
 
 # rescans: a small residual affine (the registration's affine stage removes the rest) and a smooth deformation
