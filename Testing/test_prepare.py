@@ -217,6 +217,24 @@ def test_registration_masks_the_head_around_a_brain_on_both_paths(tmp_path, caps
     assert result.report["head_masked"] == "moving" and result.report["mean_dice_after"] > 0.97
 
 
+def test_a_head_and_another_brain_of_the_same_outline_are_not_taken_for_two_scans_of_one_head():
+    """The brain outline that masks the head is the other image's own, so outlines always match: the same-head
+    check must judge what lies inside them (the same brain scores as one head, another texture does not)."""
+    import warnings
+
+    from SlicerVoxelMorphLib.register import register
+
+    brain, head, _, _ = _brain_and_head()
+    other_image, _ = phantom((80, 88, 72), seed=6)  # the same outline, another brain inside it
+    other = to_image(np.pad(other_image, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for fixed, moving in ((other, head), (head, other)):
+            assert not register(fixed, moving, auto_refine=False).report["same_head"]["detected"]
+        for fixed, moving in ((brain, head), (head, brain)):
+            assert register(fixed, moving, auto_refine=False).report["same_head"]["detected"]
+
+
 def test_a_working_pair_handed_over_is_taken_as_built():
     """A caller's working pair (built without ``align``) keeps its masks: nothing reports a head masking that
     the network never saw."""

@@ -38,7 +38,8 @@ from SlicerVoxelMorphLib.preprocess import normalise
 from SlicerVoxelMorphLib.register import register
 from SlicerVoxelMorphLib.synth import csf_of, make_subject
 
-FIELDS = ["model", "variant", "subject", "mean_dice", "folding_percent", "seconds", "refined", "same_head_score"]
+FIELDS = ["model", "variant", "subject", "mean_dice", "folding_percent", "seconds", "refined", "same_head_score",
+          "alignment_ratio", "intensity_correlation", "head_masked"]
 ANTS = "ants"  # a model PATH that means ANTs SyN
 
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
             for name, model in models.items():
                 start = time.perf_counter()
-                refined, score = False, None
+                refined, score, report = False, None, {}
                 if model == ANTS:
                     warped, folding = syn(f, m, m_labels, fixed_labels)
                 else:
@@ -141,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
                                       device="cpu", refine_steps=args.refine, auto_refine=args.auto_refine,
                                       accurate=args.accurate)
                     warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
-                    refined = bool(result.report.get("auto_refined"))
-                    score = result.report.get("same_head", {}).get("score")
+                    report = result.report
+                    refined = bool(report.get("auto_refined"))
+                    score = report.get("same_head", {}).get("score")
                 seconds = time.perf_counter() - start
                 dice = mean_dice(sitk.GetArrayViewFromImage(fixed_labels), warped, ids)
                 rows.append({"model": name, "variant": kind, "subject": subject, "mean_dice": round(dice, 4),
                              "folding_percent": round(folding, 4), "seconds": round(seconds, 2), "refined": refined,
-                             "same_head_score": score})
+                             "same_head_score": score, "alignment_ratio": report.get("alignment", {}).get("ratio"),
+                             "intensity_correlation": report.get("intensity_correlation"),
+                             "head_masked": report.get("head_masked")})
                 print(f"{subject} {kind:12s} {name}: Dice {dice:.3f}, {seconds:.1f} s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "generalisation.csv", "w", newline="") as f:

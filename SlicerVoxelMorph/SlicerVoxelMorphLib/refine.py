@@ -30,25 +30,36 @@ def intensity_correlation(moving: torch.Tensor, fixed: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
 
 
-def local_match(fixed: torch.Tensor, moving: torch.Tensor) -> float:
+def local_match(fixed: torch.Tensor, moving: torch.Tensor, region: torch.Tensor | None = None) -> float:
     """How well two images match locally: the sum of squared local covariances over the sum of the products
-    of local variances (window SAME_HEAD_WINDOW), over the voxels where either image is foreground; 1 for
-    identical images. Weighting by local variance makes flat regions and background noise count little."""
+    of local variances (window SAME_HEAD_WINDOW), over the voxels where either image is foreground (and, when
+    given, inside ``region``); 1 for identical images. Weighting by local variance makes flat regions and
+    background noise count little."""
     foreground = ((fixed > 0.05) | (moving > 0.05)).float()
+    if region is not None:
+        foreground = foreground * region
     cross, var_f, var_m = losses.local_moments(fixed, moving, lambda x: losses.box_mean(x, SAME_HEAD_WINDOW))
     return float((cross.clamp_min(0) ** 2 * foreground).sum() / (var_f * var_m * foreground).sum().clamp_min(1e-12))
 
 
-def same_head_score(moving: torch.Tensor, fixed: torch.Tensor) -> float:
+def same_head_score(moving: torch.Tensor, fixed: torch.Tensor, region: torch.Tensor | None = None) -> float:
     """``local_match`` of an affinely aligned pair (1, 1, D, H, W) relative to that of the fixed image and itself
     shifted by one voxel (mean over the three axes), which sets the scale for this image's content (skull,
-    noise, resolution). Two scans of one head in one contrast that differ by a smooth deformation of a few
-    millimetres match about as well as the one-voxel shift, two different brains clearly worse."""
+    noise, resolution); only inside ``region`` when given. Two scans of one head in one contrast that differ by
+    a smooth deformation of a few millimetres match about as well as the one-voxel shift, two different brains
+    clearly worse."""
     shifted = []
     for axis in (2, 3, 4):
         length = fixed.shape[axis]
-        shifted.append(local_match(fixed.narrow(axis, 1, length - 1), fixed.narrow(axis, 0, length - 1)))
-    return local_match(fixed, moving) / max(sum(shifted) / 3, 1e-12)
+        inside = None if region is None else region.narrow(axis, 0, length - 1)
+        shifted.append(local_match(fixed.narrow(axis, 1, length - 1), fixed.narrow(axis, 0, length - 1), inside))
+    return local_match(fixed, moving, region) / max(sum(shifted) / 3, 1e-12)
+
+
+def mask_interior(mask: torch.Tensor, margin: int = SAME_HEAD_WINDOW // 2 + 1) -> torch.Tensor:
+    """Voxels of a 0/1 ``mask`` (1, 1, D, H, W) at least ``margin`` voxels inside it (float 0/1): where a
+    ``local_match`` window does not see the mask's outline."""
+    return (-F.max_pool3d(-mask.float(), 2 * margin + 1, stride=1, padding=margin) > 0.5).float()
 
 
 def choose_similarity(similarity: str, moving: torch.Tensor, fixed: torch.Tensor) -> str:

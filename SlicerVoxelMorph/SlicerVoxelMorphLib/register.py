@@ -34,7 +34,7 @@ from .preprocess import (
     level_factor,
     working_pair,
 )
-from .refine import SAME_CONTRAST_CORRELATION, Refiner, intensity_correlation, mind_ssc, same_head_score
+from .refine import SAME_CONTRAST_CORRELATION, Refiner, intensity_correlation, mask_interior, mind_ssc, same_head_score
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
 COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
@@ -192,7 +192,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     same_head, correlation = None, None
     if net is not None:
         clock("network")  # the network stage starts with these checks of the pair
-        score = same_head_score(m_small, f_small)
+        # prepared images are 0 outside their masks: judged on the outline alone, two brains in one mask (the
+        # head's mask is the other image's brain outline) would match like one head, so only the inside counts
+        given = [downsample(mask, factor) > 0.5 for mask in masks if mask is not None]
+        region = mask_interior(torch.stack(given).all(0)) if given else None
+        score = same_head_score(m_small, f_small, region)
         same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
         correlation = intensity_correlation(m_small, f_small)
     # two scans of one head: the network's field is no better than none, so refinement starts from the identity
