@@ -147,7 +147,7 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(pair, monkeypatch):
     real, calls = pipeline._deform, []
 
     def once_out_of_memory(*args, **kwargs):
-        calls.append(args[7])  # the device
+        calls.append(args[6])  # the device
         if len(calls) == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(*args, **kwargs)

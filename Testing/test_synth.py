@@ -198,8 +198,7 @@ def test_expansion_pushes_tissue_away_from_a_region_without_folding():
     assert flow[0, 2, 20, 20, 12] > 0.5 and abs(flow[0, 0, 20, 20, 12]) < 0.1
     assert flow[0, 0, 27, 20, 20] < -0.5
     assert flow.abs().max() < 2.0 * 2  # the velocity is capped; integration moves a point little further
-    grown = torch.nn.functional.grid_sample(region, synth.identity_sampling_grid((40, 40, 40))
-                                            + synth.normalised_flow(flow), align_corners=False)
+    grown = torch.nn.functional.grid_sample(region, synth.sampling_grid(flow), align_corners=False)
     assert (grown > 0.5).sum() > 1.3 * region.sum()  # 12^3 -> about 14^3 voxels
     # independent reference: numpy finite differences of the mapping x -> x + flow(x)
     grad = np.stack([np.stack(np.gradient(flow[0, c].numpy()), 0) for c in range(3)], 0)  # (3, 3, D, H, W)

@@ -192,13 +192,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         return {**values, **weights, "similarity": similarity}
 
     f_small, m_small = downsample(f, factor), downsample(m, factor)  # the network's image level
+    small_masks = [None if mask is None else (downsample(mask, factor) > 0.5).float() for mask in masks]
     same_head, correlation = None, None
     if net is not None:
         clock("network")  # the network stage starts with these checks of the pair
         # prepared images are 0 outside their masks: judged on the outline alone, two brains in one mask (the
         # head's mask is the other image's brain outline) would match like one head, so only the inside counts
-        given = [downsample(mask, factor) > 0.5 for mask in masks if mask is not None]
-        region = mask_interior(torch.stack(given).all(0)) if given else None
+        given = [mask for mask in small_masks if mask is not None]
+        region = mask_interior(torch.stack(given).prod(0)) if given else None
         score = same_head_score(m_small, f_small, region)
         same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
         correlation = intensity_correlation(m_small, f_small)
@@ -224,13 +225,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         refiner = None
     fallbacks = (Refiner(**preset(RESCUE)), Refiner(**preset(ACCURATE))) if auto_refine else None
     try:
-        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallbacks,
-                                                          torch_device, clock, inverse, masks, one_head)
+        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, refiner, fallbacks,
+                                                          torch_device, clock, inverse, small_masks, one_head)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, factor, refiner, fallbacks,
-                                                          torch.device("cpu"), clock, inverse, masks, one_head)
+        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, refiner, fallbacks,
+                                                          torch.device("cpu"), clock, inverse, small_masks, one_head)
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
 
@@ -286,12 +287,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     return RegistrationResult(warped, displacement, jacobian, warped_labels, report, inverse_displacement)
 
 
-def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor: int, refiner: Refiner | None,
+def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refiner: Refiner | None,
             fallbacks: tuple[Refiner, Refiner] | None, device: torch.device, clock: _Clock, inverse: bool = False,
             masks: list[torch.Tensor | None] | None = None,
             from_identity: bool = False) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
     """Network prediction and optional refinement of ``fixed`` and ``moving`` at the network's image level
-    (the working grid downsampled by ``factor``, as are the working-grid ``masks`` here); returns the
+    (the working grid downsampled by the model's factor, as are the 0/1 ``masks``); returns the
     displacement (3, d, h, w) in voxels of that level, with ``inverse`` that of the inverse (the velocity
     integrated backwards), and a report.
 
@@ -302,8 +303,7 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, factor
     less than the network does on its training data (WEAK_NETWORK_RATIO) with the second.
     """
     fixed_small, moving_small = fixed.to(device), moving.to(device)
-    fixed_mask, moving_mask = (None if mask is None else (downsample(mask.to(device), factor) > 0.5).float()
-                               for mask in (masks or [None, None]))
+    fixed_mask, moving_mask = (None if mask is None else mask.to(device) for mask in (masks or [None, None]))
     size = tuple(fixed_small.shape[2:])
     int_steps = record.get("config", {}).get("int_steps", 7)
     info: dict = {}

@@ -178,8 +178,8 @@ class Synthesiser:
         generation = F.grid_sample(subject.generation, grid, mode="nearest", align_corners=False).long()
         if s.expansion_probability > 0 and rng.random() < s.expansion_probability:  # no draw: older runs' streams
             flow = expansion_flow(csf_of(generation), rng.uniform(0, s.expansion_voxels), s.expansion_sd)
-            generation = F.grid_sample(generation.float(), identity_sampling_grid(size) + normalised_flow(flow),
-                                       mode="nearest", align_corners=False).long()
+            generation = F.grid_sample(generation.float(), sampling_grid(flow), mode="nearest",
+                                       align_corners=False).long()
         if rng.random() < s.head_probability:
             distance = F.grid_sample(subject.distance, grid, mode="bilinear", align_corners=False,
                                      padding_mode="border")
@@ -277,9 +277,11 @@ def flow_of_grid(grid: torch.Tensor) -> torch.Tensor:
     return index.flip(-1).permute(0, 4, 1, 2, 3) - identity_grid(size, grid.device)
 
 
-def identity_sampling_grid(size: tuple[int, ...]) -> torch.Tensor:
-    """The identity sampling grid (1, *size, 3) in normalised coordinates (align_corners=False)."""
-    return F.affine_grid(torch.eye(3, 4)[None], [1, 1, *size], align_corners=False)
+def sampling_grid(flow: torch.Tensor) -> torch.Tensor:
+    """The sampling grid (1, D, H, W, 3) in normalised coordinates (align_corners=False) of a displacement
+    (1, 3, D, H, W) in voxels along D, H, W: sampling with it is sampling at x + flow(x)."""
+    identity = F.affine_grid(torch.eye(3, 4)[None], [1, 1, *flow.shape[2:]], align_corners=False)
+    return identity + normalised_flow(flow)
 
 
 def normalised_flow(flow: torch.Tensor) -> torch.Tensor:
@@ -305,7 +307,8 @@ def expansion_flow(region: torch.Tensor, amplitude: float, sd: float, steps: int
     velocity = velocity * (amplitude / velocity.norm(dim=1, keepdim=True).clamp_min(amplitude))
     size = tuple(region.shape[2:])
     half = tuple(max(2, n // 2) for n in size)  # integrated at half size (voxels of that grid), as it is smooth
-    return displacement_from_velocity(F.interpolate(velocity, size=half, mode="trilinear") / 2, size, steps)
+    half_velocity = F.interpolate(velocity, size=half, mode="trilinear", align_corners=False) / 2
+    return displacement_from_velocity(half_velocity, size, steps)
 
 
 def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:

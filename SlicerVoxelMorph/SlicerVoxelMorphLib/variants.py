@@ -17,8 +17,7 @@ from .synth import (
     blur,
     expansion_flow,
     flow_of_grid,
-    identity_sampling_grid,
-    normalised_flow,
+    sampling_grid,
     tissue_centres,
 )
 
@@ -96,7 +95,7 @@ def aged(image: np.ndarray, labels: np.ndarray, csf: np.ndarray, voxel_mm: float
     """An older-looking brain: ``image`` (linear) and ``labels`` (nearest) under ``synth.expansion_flow`` of
     its CSF map ``csf`` (bool, same grid): wider ventricles and sulci, structures pushed away from them."""
     flow = expansion_flow(torch.from_numpy(csf)[None, None], amplitude_mm / voxel_mm, AGED_SD_MM / voxel_mm)
-    grid = identity_sampling_grid(csf.shape) + normalised_flow(flow)
+    grid = sampling_grid(flow)
     warped_image = F.grid_sample(torch.from_numpy(np.asarray(image, dtype=np.float32))[None, None], grid,
                                  align_corners=False, padding_mode="border")
     warped_labels = F.grid_sample(torch.from_numpy(labels.astype(np.float32))[None, None], grid, mode="nearest",
