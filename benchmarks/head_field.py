@@ -87,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
              "| same-head scores |", "|---|---|---|---|---|---|---|"]
     for name in models:
         mine = [r for r in rows if r["model"] == name]
+        scores = [r["same_head"] for r in mine if r["same_head"] is not None]  # none without a network
         lines.append(f"| {name} | {statistics.mean(r['before'] for r in mine):.2f} | "
                      f"{statistics.mean(r['after'] for r in mine):.2f} | {max(r['folding'] for r in mine):.4f} | "
                      f"{statistics.mean(r['seconds'] for r in mine):.1f} | "
                      f"{sum(r['refined'] for r in mine)} of {len(mine)} | "
-                     f"{min(r['same_head'] for r in mine):.3f}-{max(r['same_head'] for r in mine):.3f} |")
+                     f"{f'{min(scores):.3f}-{max(scores):.3f}' if scores else '-'} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "head_field.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

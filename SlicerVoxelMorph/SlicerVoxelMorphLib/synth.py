@@ -196,7 +196,7 @@ class Synthesiser:
         """Grow the CSF class one voxel into neighbouring brain tissue where a smooth random map allows."""
         brain = generation > HEAD_LAYERS
         tissue = (generation - 1 - HEAD_LAYERS) % TISSUES
-        csf = csf_of(generation).float()
+        csf = (brain & (tissue == 0)).float()
         grown = F.max_pool3d(csf, 3, stride=1, padding=1) > 0
         allowed = smooth_noise(rng, 1, tuple(max(2, n // 6) for n in generation.shape[2:]),
                                tuple(generation.shape[2:]), 1.0) > rng.uniform(-0.5, 1.0)
@@ -297,7 +297,7 @@ def csf_of(generation: torch.Tensor) -> torch.Tensor:
     return (generation > HEAD_LAYERS) & ((generation - 1 - HEAD_LAYERS) % TISSUES == 0)
 
 
-def expansion_flow(region: torch.Tensor, amplitude: float, sd: float, steps: int = 5) -> torch.Tensor:
+def expansion_flow(region: torch.Tensor, amplitude: float, sd: float) -> torch.Tensor:
     """A diffeomorphic displacement (1, 3, D, H, W), voxels along D, H, W, that grows ``region`` (1, 1, D, H, W):
     the velocity is the gradient of the region blurred by ``sd`` voxels, scaled to ``amplitude`` voxels at the
     edge of a large region (less at thin ones) and capped there, so sampling at x + flow(x) draws the region
@@ -308,7 +308,7 @@ def expansion_flow(region: torch.Tensor, amplitude: float, sd: float, steps: int
     size = tuple(region.shape[2:])
     half = tuple(max(2, n // 2) for n in size)  # integrated at half size (voxels of that grid), as it is smooth
     half_velocity = F.interpolate(velocity, size=half, mode="trilinear", align_corners=False) / 2
-    return displacement_from_velocity(half_velocity, size, steps)
+    return displacement_from_velocity(half_velocity, size, steps=5)
 
 
 def blur(image: torch.Tensor, sds: np.ndarray) -> torch.Tensor:
