@@ -39,6 +39,16 @@ def test_generation_labels_keep_structures_and_split_tissues():
     assert (distance[brain] == 0).all() and (distance[~brain] > 0).all()
 
 
+def test_tissue_map_of_hand_made_generation_labels():
+    # generation label = 1 + HEAD_LAYERS + structure * TISSUES + tissue (0 CSF, 1 grey, 2 white matter)
+    brain = 1 + HEAD_LAYERS
+    generation = torch.tensor([0, 1, HEAD_LAYERS, brain, brain + 1, brain + 2,
+                               brain + TISSUES, brain + TISSUES + 1, brain + 2 * TISSUES + 2])
+    # background and head layers 0; CSF outside the structures 2 (ventricles), inside one 1 (sulci);
+    # grey matter 3, white matter 4 wherever they are
+    np.testing.assert_array_equal(synth.tissue_map(generation).numpy(), [0, 0, 0, 2, 3, 4, 1, 3, 4])
+
+
 def test_unlabelled_tissue_enclosed_by_structures_is_brain_even_where_a_gap_opens_it_to_the_outside():
     # LPBA40 labels the cortex and a few deep structures, not the white matter and ventricles they enclose,
     # and that inside reaches the outside through gaps between structures: it is brain, not background
@@ -65,7 +75,7 @@ def test_without_deformation_the_structures_are_the_label_map_and_the_image_is_c
     for value in np.unique(generation.numpy()):
         inside = image[generation[0, 0].numpy() == value]
         assert inside.max() - inside.min() < 1e-5  # one intensity per generation label
-    _, _, moving_structures, _ = synthesiser.pair(subject, subject, rng, (32, 32, 32))
+    _, _, moving_structures, *_ = synthesiser.pair(subject, subject, rng, (32, 32, 32))
     np.testing.assert_array_equal(moving_structures[0, 0].numpy(), labels)
 
 
@@ -87,7 +97,7 @@ def test_deformed_structures_match_the_deformed_generation_map_and_the_image_fol
         assert inside.max() - inside.min() < 1e-5
     # the pair's structure maps are the generation maps' structures
     rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
-    _, _, m_structures, _ = synthesiser.pair(subject, subject, rng_a, (16, 16, 16))
+    _, _, m_structures, *_ = synthesiser.pair(subject, subject, rng_a, (16, 16, 16))
     g = synthesiser.labels(subject, rng_b, (16, 16, 16))[0, 0].numpy()
     expected = np.where(g > HEAD_LAYERS, (g - 1 - HEAD_LAYERS) // TISSUES, 0)
     np.testing.assert_array_equal(m_structures[0, 0].numpy(), expected)
@@ -151,13 +161,15 @@ def test_a_known_pair_shows_one_label_map_under_its_known_flow_in_two_contrasts(
     pair = synthesiser.known_pair(subject, np.random.default_rng(4), (32, 32, 32))
     again = synthesiser.known_pair(subject, np.random.default_rng(4), (32, 32, 32))
     assert all(torch.equal(a, b) for a, b in zip(pair, again, strict=True))  # seeded
-    m_image, f_image, m_structures, f_structures, flow, head = pair
+    m_image, f_image, m_structures, f_structures, flow, head, m_tissues, f_tissues = pair
     assert flow.abs().max() > 1  # not a trivial field
     # the known flow (voxels along D, H, W) carries the moving structures onto the fixed ones:
     # fixed(x) = moving(x + flow(x)), by scipy's nearest-neighbour sampling
     index = np.indices((32, 32, 32)) + flow[0].numpy()
     expected = map_coordinates(m_structures[0, 0].numpy(), index, order=0, mode="constant")
     assert (f_structures[0, 0].numpy() == expected).mean() > 0.99
+    expected = map_coordinates(m_tissues[0, 0].numpy(), index, order=0, mode="constant")
+    assert (f_tissues[0, 0].numpy() == expected).mean() > 0.99  # the tissue labels move with them
     # the scored region is the fixed head: every structure voxel and the head layers around them
     assert head[f_structures > 0].all() and head.sum() > 1.2 * (f_structures > 0).sum()
     # each image its own contrast: the mean intensity of a structure differs between them

@@ -185,3 +185,31 @@ def test_rescan_pairs_train_on_the_known_field_and_need_labels_and_a_field_weigh
     assert main([*base, "--labels", str(labels), "--field-weight", "1", "--synth-fraction", "0.7",
                  "--out", str(tmp_path / "c")]) == 2
     assert "--rescan-fraction" in capsys.readouterr().err
+
+
+def test_the_tissue_loss_scores_the_tissue_classes_beside_the_structures_without_changing_the_pairs(tmp_path):
+    from SlicerVoxelMorphLib.synth import TISSUE_LABELS
+    from SlicerVoxelMorphLib.train import TrainConfig, Trainer
+
+    images, labels = _dataset(tmp_path)
+    paths = sorted(str(p) for p in images.iterdir())
+    label_paths = sorted(str(p) for p in labels.iterdir())
+
+    def trainer(tissue_loss: bool, out: str) -> Trainer:
+        config = TrainConfig(images=paths[:3], labels=label_paths[:3], val_images=paths[3:], val_labels=label_paths[3:],
+                             synth_fraction=1.0, tissue_loss=tissue_loss, seed=3)
+        return Trainer(config, tmp_path / out, torch.device("cpu"))
+
+    with_tissue, without = trainer(True, "with"), trainer(False, "without")
+    for iteration in range(4):
+        a, b = with_tissue.sample(iteration), without.sample(iteration)
+        torch.testing.assert_close(a[0], b[0])  # the same images: the tissue maps draw no random numbers
+        torch.testing.assert_close(a[2][:, :3], b[2])  # the structures as before (3 labels in the phantom)
+        tissues = a[2][:, 3:]
+        assert a[2].shape[1] == 3 + TISSUE_LABELS and b[2].shape[1] == 3
+        assert tissues.sum(1).max() == 1  # one tissue class a voxel at most
+        assert (tissues.sum(1)[b[2].sum(1) > 0] == 1).all()  # every structure voxel has one
+    # validation reports the tissue labels' Dice of the plain pairs
+    assert set(map(int, with_tissue.val_tissues["S3"].ravel())) == set(range(TISSUE_LABELS + 1))
+    scores = with_tissue.validate()
+    assert 0 < scores["val_tissue_dice"] <= 1

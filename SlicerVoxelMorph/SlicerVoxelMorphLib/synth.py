@@ -5,7 +5,8 @@ structure split into three tissue classes (CSF, grey, white matter, by intensity
 image) and the distance outside the brain, from which random extra-cerebral layers (CSF rim,
 skull, scalp) are drawn at each sample. ``Synthesiser`` deforms two such maps at random and draws
 an image from each with its own random contrast, blur, bias field, gamma, noise and resolution
-loss. The loss sees only the brain structures, so the network learns to ignore everything else.
+loss. The loss sees only the brain (its structures and, optionally, its tissue classes), so the
+network learns to ignore everything else.
 """
 
 import math
@@ -25,6 +26,7 @@ from .preprocess import normalise
 TISSUES = 3  # CSF, grey matter, white matter inside the brain
 HEAD_LAYERS = 3  # CSF rim, skull, scalp outside it
 HEAD_LABEL = 1  # generation labels 1..HEAD_LAYERS are the head layers, 0 is background
+TISSUE_LABELS = 4  # ``tissue_map``: 1 CSF in a structure, 2 CSF outside the structures, 3 grey, 4 white matter
 
 
 @dataclass
@@ -234,37 +236,53 @@ class Synthesiser:
         return torch.from_numpy(normalise(image.numpy()))
 
     def one(self, subject: SynthSubject, rng: np.random.Generator,
-            size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image, structures), each (1, 1, *size): one random draw of ``subject``."""
+            size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, structures, tissues), each (1, 1, *size): one random draw of ``subject``."""
         return self.draw(self.labels(subject, rng, size), subject.structures, rng)
 
     def draw(self, generation: torch.Tensor, structures: int,
-             rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image, structures) of a generation label map: a random-contrast image and its brain structures."""
+             rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, structures, tissues) of a generation label map: a random-contrast image, its brain
+        structures and its ``tissue_map``."""
         brain = generation > HEAD_LAYERS
-        return self.image(generation, structures, rng), torch.where(brain, (generation - 1 - HEAD_LAYERS) // TISSUES, 0)
+        structure_map = torch.where(brain, (generation - 1 - HEAD_LAYERS) // TISSUES, 0)
+        return self.image(generation, structures, rng), structure_map, tissue_map(generation)
 
     def pair(self, moving: SynthSubject, fixed: SynthSubject, rng: np.random.Generator,
-             size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(moving image, fixed image, moving structures, fixed structures), each (1, 1, *size)."""
-        (m_image, m_structures), (f_image, f_structures) = (self.one(s, rng, size) for s in (moving, fixed))
-        return m_image, f_image, m_structures, f_structures
+             size: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """(moving image, fixed image, moving structures, fixed structures, moving tissues, fixed tissues),
+        each (1, 1, *size)."""
+        (m_image, m_structures, m_tissues), (f_image, f_structures, f_tissues) = (
+            self.one(s, rng, size) for s in (moving, fixed))
+        return m_image, f_image, m_structures, f_structures, m_tissues, f_tissues
 
-    def known_pair(self, subject: SynthSubject, rng: np.random.Generator, size: tuple[int, ...]) -> tuple[
-            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def known_pair(self, subject: SynthSubject, rng: np.random.Generator,
+                   size: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         """A pair whose true deformation is known: one random draw of ``subject``'s labels (head layers
         included) and the same labels under a random smooth deformation (no affine: registration
         removes it before the network), each drawn with its own contrast. Returns (moving image, fixed
-        image, moving structures, fixed structures, flow, fixed head): flow (1, 3, *size) in voxels
-        along D, H, W with fixed(x) = moving(x + flow(x)), the network's convention; fixed head
-        (1, 1, *size) bool marks the fixed labels' brain and head layers, where the flow is scored."""
+        image, moving structures, fixed structures, flow, fixed head, moving tissues, fixed tissues):
+        flow (1, 3, *size) in voxels along D, H, W with fixed(x) = moving(x + flow(x)), the network's
+        convention; fixed head (1, 1, *size) bool marks the fixed labels' brain and head layers, where
+        the flow is scored."""
         generation = self.labels(subject, rng, size)
         grid = self.deformation(rng, size, affine=False)
         moved = F.grid_sample(generation.float(), grid, mode="nearest", padding_mode="zeros",
                               align_corners=False).long()
-        (m_image, m_structures), (f_image, f_structures) = (
+        (m_image, m_structures, m_tissues), (f_image, f_structures, f_tissues) = (
             self.draw(g, subject.structures, rng) for g in (generation, moved))
-        return m_image, f_image, m_structures, f_structures, flow_of_grid(grid), moved > 0
+        return m_image, f_image, m_structures, f_structures, flow_of_grid(grid), moved > 0, m_tissues, f_tissues
+
+
+def tissue_map(generation: torch.Tensor) -> torch.Tensor:
+    """Tissue labels (long, the shape of ``generation``) of a generation label map: 0 outside the brain,
+    1 CSF inside a labelled structure (sulci), 2 CSF in the brain outside the structures (LPBA40: the
+    ventricles), 3 grey matter, 4 white matter. Whole-brain labels such as FreeSurfer's aseg score these
+    (cortex, white matter, ventricles), which LPBA40's structures do not label."""
+    code = generation - 1 - HEAD_LAYERS
+    tissue, structure = code % TISSUES, code // TISSUES
+    labels = torch.where(tissue == 0, torch.where(structure == 0, 2, 1), tissue + 2)
+    return torch.where(generation > HEAD_LAYERS, labels, 0)
 
 
 def flow_of_grid(grid: torch.Tensor) -> torch.Tensor:

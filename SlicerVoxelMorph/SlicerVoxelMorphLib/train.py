@@ -22,7 +22,16 @@ from .layers import ResizeTransform, SpatialTransformer, downsample
 from .models import load_model, resolve_model, save_model
 from .networks import VxmDense
 from .preprocess import grid_for, level_factor, prepare, resample
-from .synth import Synthesiser, SynthSettings, SynthSubject, flow_of_grid, make_subject, random_affine_matrix
+from .synth import (
+    TISSUE_LABELS,
+    Synthesiser,
+    SynthSettings,
+    SynthSubject,
+    flow_of_grid,
+    make_subject,
+    random_affine_matrix,
+    tissue_map,
+)
 
 
 @dataclass
@@ -56,6 +65,7 @@ class TrainConfig:
     field_weight: float = 0.0  # weight of the squared end-point error against a known pair's deformation
     rescan_fraction: float = 0.0  # share of iterations on a real image and a deformed copy (variants.rescan_pair)
     csf_expansion: float = 0.0  # share of synthesised label maps with tissue pushed away from CSF (older brains)
+    tissue_loss: bool = False  # synthesised pairs also score the brain's tissue classes (synth.tissue_map)
     init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
@@ -195,6 +205,9 @@ class Trainer:
         atlas, atlas_synthetic = load([c.atlas], [c.atlas_labels] if c.atlas_labels else None) if c.atlas else ([], [])
         self.atlas = atlas[0] if atlas else None
         self.synth_subjects += atlas_synthetic
+        # tissue labels of the validation subjects and the atlas on the training grid (val_dice_tissue)
+        self.val_tissues = {g.name: tissue_map(g.generation.long())[0, 0].numpy()
+                            for g in val_synthetic + atlas_synthetic}
         # outside-brain distance at the network level, for the head variant and rescan pairs
         self.val_distance = {g.name: downsample(g.distance, self.factor) for g in val_synthetic + atlas_synthetic}
         self.train_distance = {g.name: downsample(g.distance, self.factor) for g in self.synth_subjects}
@@ -245,7 +258,8 @@ class Trainer:
         a random subset of brain structures; no image similarity (contrasts differ by design). With
         ``known_fraction``: a pair drawn from one label map and a randomly deformed copy of it, each with
         its own contrast, whose flow is known (the end-point error sees every voxel of the head, not
-        only structure boundaries)."""
+        only structure boundaries). With ``tissue_loss`` the brain's tissue classes (``synth.tissue_map``:
+        sulcal and ventricular CSF, grey and white matter) are scored beside the structures."""
         c = self.config
         pool = self.synth_subjects
         moving = pool[rng.integers(len(pool))]
@@ -253,15 +267,21 @@ class Trainer:
         is_known = c.known_fraction > 0 and rng.random() < c.known_fraction
         known = None
         if is_known:
-            m_image, f_image, m_structures, f_structures, flow, head = self.synthesiser.known_pair(moving, rng, size)
+            m_image, f_image, m_structures, f_structures, flow, head, m_tissues, f_tissues = \
+                self.synthesiser.known_pair(moving, rng, size)
             known = torch.cat([flow, head.float()], dim=1)  # the flow, and where it is scored
         else:
             fixed = moving if rng.random() < 0.2 else pool[rng.integers(len(pool))]
-            m_image, f_image, m_structures, f_structures = self.synthesiser.pair(moving, fixed, rng, size)
+            m_image, f_image, m_structures, f_structures, m_tissues, f_tissues = \
+                self.synthesiser.pair(moving, fixed, rng, size)
         n = min(c.dice_labels_per_iteration, len(self.label_set))
         chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)) + 1).view(1, -1, 1, 1, 1)
-        return (m_image, f_image, (m_structures == chosen).float(), (f_structures == chosen).float(), known,
-                "known" if is_known else "synthetic")
+        m_soft, f_soft = (m_structures == chosen).float(), (f_structures == chosen).float()
+        if c.tissue_loss:
+            tissues = torch.arange(1, TISSUE_LABELS + 1).view(1, -1, 1, 1, 1)
+            m_soft = torch.cat([m_soft, (m_tissues == tissues).float()], dim=1)
+            f_soft = torch.cat([f_soft, (f_tissues == tissues).float()], dim=1)
+        return m_image, f_image, m_soft, f_soft, known, "known" if is_known else "synthetic"
 
     def step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, float]:
         """One optimisation step; returns the loss terms."""
@@ -319,10 +339,12 @@ class Trainer:
             for n, (moving, fixed) in enumerate(pairs):
                 m_image = self._variant(moving, kind, n)
                 f_image = self._variant(fixed, kind, 1000 + n) if kind == "head" else fixed.image
-                dice, folding = self._validate_pair(moving, fixed, m_image, f_image, kind == "plain")
+                dice, folding, tissue = self._validate_pair(moving, fixed, m_image, f_image, kind == "plain")
                 dices.append(dice)
                 if folding is not None:
                     result.setdefault("folds", []).append(folding)
+                if tissue is not None:
+                    result.setdefault("tissue", []).append(tissue)
             if dices:
                 result[f"val_dice_{kind}"] = float(np.mean(dices))
         errors = [self._head_field_error(s, 2000 + n) for n, s in enumerate(subjects) if s.name in self.val_distance]
@@ -331,27 +353,37 @@ class Trainer:
             return {}
         if errors:
             result["val_head_epe_mm"] = float(np.mean(errors))
-        folds = result.pop("folds")
+        folds, tissue = result.pop("folds"), result.pop("tissue", None)
         result["val_dice"] = result["val_dice_plain"]
         result["val_worst"] = min(v for k, v in result.items() if k.startswith("val_dice_"))
+        if tissue:
+            result["val_tissue_dice"] = float(np.mean(tissue))
         result["val_folding_percent"] = float(np.mean(folds))
         return result
 
     def _validate_pair(self, moving: Subject, fixed: Subject, m_image: torch.Tensor, f_image: torch.Tensor,
-                       folding: bool) -> tuple[float, float | None]:
-        """Mean Dice over the fixed labels, and % folding in them when asked, for one pair."""
+                       plain: bool) -> tuple[float, float | None, float | None]:
+        """Mean Dice over the fixed labels for one pair; for a ``plain`` pair also % folding in them and
+        the mean Dice of the tissue labels (``synth.tissue_map``) where both subjects have them."""
         _, flow, _ = self.net(m_image.to(self.device), f_image.to(self.device))
         size = fixed.labels.shape
         full = ResizeTransform(size[0] / flow.shape[2])(flow, size)
-        labels = torch.from_numpy(moving.labels.astype(np.float32))[None, None].to(self.device)
-        warped = SpatialTransformer("nearest")(labels, full)[0, 0].cpu().numpy().astype(np.int64)
-        ids = metrics.label_ids(fixed.labels)
-        dice = float(np.nanmean(list(metrics.dice(fixed.labels, warped, ids).values())))
-        if not folding:
-            return dice, None
+
+        def mean_dice(moving_labels: np.ndarray, fixed_labels: np.ndarray) -> float:
+            labels = torch.from_numpy(moving_labels.astype(np.float32))[None, None].to(self.device)
+            warped = SpatialTransformer("nearest")(labels, full)[0, 0].cpu().numpy().astype(np.int64)
+            ids = metrics.label_ids(fixed_labels)
+            return float(np.nanmean(list(metrics.dice(fixed_labels, warped, ids).values())))
+
+        dice = mean_dice(moving.labels, fixed.labels)
+        if not plain:
+            return dice, None, None
         vectors = np.moveaxis(full[0].cpu().numpy()[::-1], 0, -1)  # (K, J, I, 3) voxels (i, j, k)
         det = metrics.jacobian_determinant(vectors, np.eye(3))
-        return dice, metrics.folding_percent(det, fixed.labels > 0)
+        tissue = None
+        if moving.name in self.val_tissues and fixed.name in self.val_tissues:
+            tissue = mean_dice(self.val_tissues[moving.name], self.val_tissues[fixed.name])
+        return dice, metrics.folding_percent(det, fixed.labels > 0), tissue
 
     def _head_field_error(self, subject: Subject, seed: int) -> float:
         """Mean end-point error (mm) inside the head when ``subject`` with a synthetic head is registered
@@ -464,7 +496,8 @@ class Trainer:
 MAX_LABEL_BYTES = 4e9  # one-hot label maps of all subjects, uint8 at the training spacing
 LOG_COLUMNS = ["iteration", "seconds", "synthetic", "rescan", "loss", "ncc", "smooth", "dice", "field", "val_dice",
                "val_worst",
-               *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent", "val_head_epe_mm"]
+               *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent", "val_head_epe_mm",
+               "val_tissue_dice"]
 HEAD_FIELD_MM = 6.0  # largest displacement inside the head of the whole-head validation proxy
 RESUMABLE_CHANGES = {"iterations", "val_every", "checkpoint_every"}  # settings a resumed run may change
 
