@@ -187,7 +187,7 @@ def test_rescan_pairs_train_on_the_known_field_and_need_labels_and_a_field_weigh
     assert "--rescan-fraction" in capsys.readouterr().err
 
 
-def test_the_tissue_loss_scores_the_tissue_classes_beside_the_structures_without_changing_the_pairs(tmp_path):
+def test_the_tissue_weight_scores_the_tissue_classes_beside_the_structures_without_changing_the_pairs(tmp_path):
     from SlicerVoxelMorphLib.synth import TISSUE_LABELS
     from SlicerVoxelMorphLib.train import TrainConfig, Trainer
 
@@ -195,20 +195,30 @@ def test_the_tissue_loss_scores_the_tissue_classes_beside_the_structures_without
     paths = sorted(str(p) for p in images.iterdir())
     label_paths = sorted(str(p) for p in labels.iterdir())
 
-    def trainer(tissue_loss: bool, out: str) -> Trainer:
+    def trainer(tissue_weight: float, out: str) -> Trainer:
         config = TrainConfig(images=paths[:3], labels=label_paths[:3], val_images=paths[3:], val_labels=label_paths[3:],
-                             synth_fraction=1.0, tissue_loss=tissue_loss, seed=3)
+                             synth_fraction=0.5, tissue_weight=tissue_weight, seed=3)
         return Trainer(config, tmp_path / out, torch.device("cpu"))
 
-    with_tissue, without = trainer(True, "with"), trainer(False, "without")
-    for iteration in range(4):
+    with_tissue, without = trainer(1.0, "with"), trainer(0.0, "without")
+    kinds = set()
+    for iteration in range(8):
         a, b = with_tissue.sample(iteration), without.sample(iteration)
+        kinds.add(a[-1])
         torch.testing.assert_close(a[0], b[0])  # the same images: the tissue maps draw no random numbers
-        torch.testing.assert_close(a[2][:, :3], b[2])  # the structures as before (3 labels in the phantom)
-        tissues = a[2][:, 3:]
-        assert a[2].shape[1] == 3 + TISSUE_LABELS and b[2].shape[1] == 3
-        assert tissues.sum(1).max() == 1  # one tissue class a voxel at most
-        assert (tissues.sum(1)[b[2].sum(1) > 0] == 1).all()  # every structure voxel has one
+        for side in (2, 3):  # moving and fixed label maps
+            torch.testing.assert_close(a[side][:, :3], b[side])  # the structures as before (3 labels in the phantom)
+            tissues = a[side][:, 3:]
+            assert a[side].shape[1] == 3 + TISSUE_LABELS and b[side].shape[1] == 3
+            rounding = TISSUE_LABELS * 0.5 / 255  # each channel's fraction is stored as uint8 (255 = all)
+            assert tissues.sum(1).max() <= 1 + rounding  # the tissue fractions of a voxel add up to one at most
+            assert (tissues.sum(1)[b[side].sum(1) > 0.99] > 0.99 - rounding).all()  # structure voxels have tissue
+    assert kinds == {"real", "synthetic"}
+    # the tissue overlap is logged beside the structures' and enters the loss with its weight
+    terms = with_tissue.step(with_tissue.sample(0))
+    assert 0 < terms["tissue"] <= 1 and 0 < terms["dice"] <= 1
+    expected = terms["smooth"] + terms.get("ncc", 0) - terms["dice"] - 1.0 * terms["tissue"]
+    assert abs(terms["loss"] - expected) < 1e-5
     # validation reports the tissue labels' Dice of the plain pairs
     assert set(map(int, with_tissue.val_tissues["S3"].ravel())) == set(range(TISSUE_LABELS + 1))
     scores = with_tissue.validate()

@@ -396,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--csf-expansion", type=float,
                    help="share of synthesised label maps whose tissue is pushed away from the CSF by a random "
                         "amount (wider ventricles and sulci, as in older brains; default 0)")
-    t.add_argument("--tissue-loss", action="store_true", default=None,
-                   help="synthesised pairs also score the brain's tissue classes (CSF in and outside the labelled "
-                        "structures, grey and white matter) beside its structures")
+    t.add_argument("--tissue-weight", type=float,
+                   help="weight of the label overlap of the brain's tissue classes (CSF in and outside the labelled "
+                        "structures, grey and white matter, from each image's intensities) on every pair (default 0)")
     t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")

@@ -65,7 +65,7 @@ class TrainConfig:
     field_weight: float = 0.0  # weight of the squared end-point error against a known pair's deformation
     rescan_fraction: float = 0.0  # share of iterations on a real image and a deformed copy (variants.rescan_pair)
     csf_expansion: float = 0.0  # share of synthesised label maps with tissue pushed away from CSF (older brains)
-    tissue_loss: bool = False  # synthesised pairs also score the brain's tissue classes (synth.tissue_map)
+    tissue_weight: float = 0.0  # weight of the soft Dice of the brain's tissue classes (synth.tissue_map), every pair
     init_model: str | None = None  # warm start from a model file (or 'bundled')
 
 
@@ -76,6 +76,7 @@ class Subject:
     name: str
     image: torch.Tensor  # (1, 1, D, H, W) float32 in [0, 1], at the training spacing
     soft_labels: torch.Tensor | None  # (1, L, D, H, W) uint8, 255 x fraction of each label
+    soft_tissues: torch.Tensor | None  # (1, TISSUE_LABELS, D, H, W) uint8, the same of each synth.tissue_map class
     labels: np.ndarray | None  # full-resolution label map, for validation Dice
 
 
@@ -86,16 +87,23 @@ def load_subject(image_path: str, label_path: str | None, label_set: list[int], 
     image = check_image(read_image(image_path, "training image"), f"training image {image_path}")
     name = Path(image_path).name.split(".")[0]
     small = downsample(torch.from_numpy(prepare(image, grid))[None, None], factor)
-    labels = soft = synthetic = None
+    labels = soft = soft_tissues = synthetic = None
     if label_path is not None:
         label_image = check_labels(read_image(label_path, "training labels"), image, f"labels {label_path}")
         on_grid = resample(label_image, grid, labels=True)
         labels = sitk.GetArrayFromImage(on_grid)
-        soft = torch.cat([(downsample(torch.from_numpy(labels == i).float()[None, None], factor) * 255).round()
-                          .to(torch.uint8) for i in label_set], dim=1)
+        soft = _soft_maps(labels, label_set, factor)
         if for_synthesis:
             synthetic = make_subject(name, resample(image, grid), on_grid, label_set)
-    return Subject(name, small.contiguous(), soft, labels), synthetic
+            tissues = tissue_map(synthetic.generation.long())[0, 0].numpy()
+            soft_tissues = _soft_maps(tissues, list(range(1, TISSUE_LABELS + 1)), factor)
+    return Subject(name, small.contiguous(), soft, soft_tissues, labels), synthetic
+
+
+def _soft_maps(labels: np.ndarray, ids: list[int], factor: int) -> torch.Tensor:
+    """(1, len(ids), ...) uint8: 255 x the fraction of each label in every voxel of the network level."""
+    return torch.cat([(downsample(torch.from_numpy(labels == i).float()[None, None], factor) * 255).round()
+                      .to(torch.uint8) for i in ids], dim=1)
 
 
 def augment_pair(moving: torch.Tensor, fixed: torch.Tensor, moving_soft: torch.Tensor | None,
@@ -162,6 +170,9 @@ class Trainer:
         if c.rescan_fraction > 0 and (not c.labels or c.field_weight <= 0):
             raise InputError("rescan pairs (--rescan-fraction > 0) need training label maps (--labels, for the brain "
                              "outline) and --field-weight > 0 (their loss)")
+        if c.tissue_weight < 0 or (c.tissue_weight > 0 and not c.labels):
+            raise InputError(f"--tissue-weight must be >= 0 and needs training label maps (--labels), "
+                             f"not {c.tissue_weight}")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
             raise InputError("synthesis (--synth-fraction > 0) trains on label overlap: --dice-weight must be > 0")
         if not c.images:
@@ -233,12 +244,20 @@ class Trainer:
         if use_labels:
             n = min(c.dice_labels_per_iteration, len(self.label_set))
             chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)))
-        m_soft = moving.soft_labels[:, chosen].float() / 255 if use_labels else None
-        f_soft = fixed.soft_labels[:, chosen].float() / 255 if use_labels else None
+        m_soft = self._soft(moving, chosen) if use_labels else None
+        f_soft = self._soft(fixed, chosen) if use_labels else None
         m_image, f_image = moving.image, fixed.image
         if c.augment:
             m_image, f_image, m_soft = augment_pair(m_image, f_image, m_soft, rng)
         return m_image, f_image, m_soft, f_soft, None, "real"
+
+    def _soft(self, subject: Subject, chosen: torch.Tensor) -> torch.Tensor:
+        """Soft maps (1, C, ...) in [0, 1] of the ``chosen`` labels, then, with ``tissue_weight``, of the
+        TISSUE_LABELS tissue classes (the last channels, scored by ``step`` with their own weight)."""
+        maps = subject.soft_labels[:, chosen]
+        if self.config.tissue_weight > 0:
+            maps = torch.cat([maps, subject.soft_tissues], dim=1)
+        return maps.float() / 255
 
     def sample_rescan(self, rng: np.random.Generator) -> tuple:
         """A real training image and a copy of it under a known deformation (``variants.rescan_pair``), each
@@ -248,7 +267,7 @@ class Trainer:
         n = min(self.config.dice_labels_per_iteration, len(self.label_set))
         chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)))
         moving, fixed, m_soft, f_soft, flow, head = variants.rescan_pair(
-            subject.image, self.train_distance[subject.name], subject.soft_labels[:, chosen].float() / 255, rng,
+            subject.image, self.train_distance[subject.name], self._soft(subject, chosen), rng,
             self.config.spacing_mm)
         moving, fixed = (jitter(image, rng) for image in (moving, fixed))
         return moving, fixed, m_soft, f_soft, torch.cat([flow, head.float()], dim=1), "rescan"
@@ -258,8 +277,8 @@ class Trainer:
         a random subset of brain structures; no image similarity (contrasts differ by design). With
         ``known_fraction``: a pair drawn from one label map and a randomly deformed copy of it, each with
         its own contrast, whose flow is known (the end-point error sees every voxel of the head, not
-        only structure boundaries). With ``tissue_loss`` the brain's tissue classes (``synth.tissue_map``:
-        sulcal and ventricular CSF, grey and white matter) are scored beside the structures."""
+        only structure boundaries). With ``tissue_weight`` the brain's tissue classes (``synth.tissue_map``:
+        sulcal and ventricular CSF, grey and white matter) follow the structures' channels."""
         c = self.config
         pool = self.synth_subjects
         moving = pool[rng.integers(len(pool))]
@@ -277,7 +296,7 @@ class Trainer:
         n = min(c.dice_labels_per_iteration, len(self.label_set))
         chosen = torch.from_numpy(np.sort(rng.choice(len(self.label_set), n, replace=False)) + 1).view(1, -1, 1, 1, 1)
         m_soft, f_soft = (m_structures == chosen).float(), (f_structures == chosen).float()
-        if c.tissue_loss:
+        if c.tissue_weight > 0:
             tissues = torch.arange(1, TISSUE_LABELS + 1).view(1, -1, 1, 1, 1)
             m_soft = torch.cat([m_soft, (m_tissues == tissues).float()], dim=1)
             f_soft = torch.cat([f_soft, (f_tissues == tissues).float()], dim=1)
@@ -305,9 +324,15 @@ class Trainer:
             loss = loss + c.field_weight * error
             terms["field"] = error.item()
         if m_soft is not None:
-            overlap = losses.dice(f_soft, self.transformer(m_soft, flow.float()))
+            warped_soft = self.transformer(m_soft, flow.float())
+            structures = m_soft.shape[1] - (TISSUE_LABELS if c.tissue_weight > 0 else 0)
+            overlap = losses.dice(f_soft[:, :structures], warped_soft[:, :structures])
             loss = loss + c.dice_weight * overlap
             terms["dice"] = -overlap.item()
+            if c.tissue_weight > 0:
+                tissue = losses.dice(f_soft[:, structures:], warped_soft[:, structures:])
+                loss = loss + c.tissue_weight * tissue
+                terms["tissue"] = -tissue.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -494,7 +519,8 @@ class Trainer:
 
 
 MAX_LABEL_BYTES = 4e9  # one-hot label maps of all subjects, uint8 at the training spacing
-LOG_COLUMNS = ["iteration", "seconds", "synthetic", "rescan", "loss", "ncc", "smooth", "dice", "field", "val_dice",
+LOG_COLUMNS = ["iteration", "seconds", "synthetic", "rescan", "loss", "ncc", "smooth", "dice", "field", "tissue",
+               "val_dice",
                "val_worst",
                *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent", "val_head_epe_mm",
                "val_tissue_dice"]
