@@ -216,7 +216,7 @@ class Trainer:
         atlas, atlas_synthetic = load([c.atlas], [c.atlas_labels] if c.atlas_labels else None) if c.atlas else ([], [])
         self.atlas = atlas[0] if atlas else None
         self.synth_subjects += atlas_synthetic
-        # tissue labels of the validation subjects and the atlas on the training grid (val_dice_tissue)
+        # tissue labels of the validation subjects and the atlas on the training grid (val_tissue_dice)
         self.val_tissues = {g.name: tissue_map(g.generation.long())[0, 0].numpy()
                             for g in val_synthetic + atlas_synthetic}
         # outside-brain distance at the network level, for the head variant and rescan pairs
