@@ -112,7 +112,7 @@ def test_a_failing_batch_producer_stops_training_with_its_error(tmp_path, monkey
               "--quiet", "--out", str(tmp_path / "x")])
 
 
-def test_synthesis_without_a_label_loss_known_pairs_without_synthesis_and_a_used_folder_are_refused(tmp_path, capsys):
+def test_bad_training_settings_and_a_used_folder_are_refused(tmp_path, capsys):
     images, labels = _dataset(tmp_path)
     base = ["train", "--images", str(images), "--labels", str(labels), "--val-subjects", "S3", "--iterations", "2",
             "--device", "cpu", "--quiet"]
@@ -120,6 +120,11 @@ def test_synthesis_without_a_label_loss_known_pairs_without_synthesis_and_a_used
     assert "dice-weight" in capsys.readouterr().err
     assert main([*base, "--known-fraction", "0.5", "--out", str(tmp_path / "c")]) == 2
     assert "--synth-fraction" in capsys.readouterr().err
+    for window in ("4", "1"):  # an NCC window has a centre voxel and neighbours
+        assert main([*base, "--ncc-window", window, "--out", str(tmp_path / "d")]) == 2
+        assert "--ncc-window" in capsys.readouterr().err
+    assert main([*base, "--tissue-weight", "-1", "--out", str(tmp_path / "e")]) == 2
+    assert "--tissue-weight" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert main([*base, "--out", str(tmp_path / "b")]) == 2
     assert "--resume" in capsys.readouterr().err

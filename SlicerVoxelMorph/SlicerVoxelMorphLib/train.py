@@ -173,6 +173,8 @@ class Trainer:
         if c.tissue_weight < 0 or (c.tissue_weight > 0 and not c.labels):
             raise InputError(f"--tissue-weight must be >= 0 and needs training label maps (--labels), "
                              f"not {c.tissue_weight}")
+        if c.ncc_window < 3 or c.ncc_window % 2 == 0:
+            raise InputError(f"--ncc-window must be an odd number of voxels >= 3, not {c.ncc_window}")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
             raise InputError("synthesis (--synth-fraction > 0) trains on label overlap: --dice-weight must be > 0")
         if not c.images:
