@@ -123,8 +123,9 @@ def test_bad_training_settings_and_a_used_folder_are_refused(tmp_path, capsys):
     for window in ("4", "1"):  # an NCC window has a centre voxel and neighbours
         assert main([*base, "--ncc-window", window, "--out", str(tmp_path / "d")]) == 2
         assert "--ncc-window" in capsys.readouterr().err
-    assert main([*base, "--tissue-weight", "-1", "--out", str(tmp_path / "e")]) == 2
-    assert "--tissue-weight" in capsys.readouterr().err
+    for option in ("--tissue-weight", "--ncc-weight"):
+        assert main([*base, option, "-1", "--out", str(tmp_path / "e")]) == 2
+        assert option in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert main([*base, "--out", str(tmp_path / "b")]) == 2
     assert "--resume" in capsys.readouterr().err

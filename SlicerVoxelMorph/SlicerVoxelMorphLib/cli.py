@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     t.add_argument("--smooth-weight", type=float, help="weight of the smoothness loss (default 1)")
     t.add_argument("--dice-weight", type=float, help="weight of the label Dice loss, 0 = unsupervised (default 1)")
+    t.add_argument("--ncc-weight", type=float, help="weight of the local NCC of real pairs (default 1)")
     t.add_argument("--ncc-window", type=int,
                    help="window of the local NCC of real pairs, odd, voxels of the training grid (default 9)")
     t.add_argument("--spacing-mm", type=float, help="training grid spacing in mm (default 2)")

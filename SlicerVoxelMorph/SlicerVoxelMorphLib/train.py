@@ -52,6 +52,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     dice_labels_per_iteration: int = 16
     ncc_window: int = 9
+    ncc_weight: float = 1.0  # weight of the local NCC of real pairs
     spacing_mm: float = 2.0
     features: str = "vm2"
     half_res: bool = True
@@ -173,6 +174,8 @@ class Trainer:
         if c.tissue_weight < 0 or (c.tissue_weight > 0 and not c.labels):
             raise InputError(f"--tissue-weight must be >= 0 and needs training label maps (--labels), "
                              f"not {c.tissue_weight}")
+        if c.ncc_weight < 0:
+            raise InputError(f"--ncc-weight must be >= 0, not {c.ncc_weight}")
         if c.ncc_window < 3 or c.ncc_window % 2 == 0:
             raise InputError(f"--ncc-window must be an odd number of voxels >= 3, not {c.ncc_window}")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
@@ -319,7 +322,7 @@ class Trainer:
                  "rescan": int(kind == "rescan")}
         if use_similarity:
             similarity = losses.ncc(fixed, warped.float(), c.ncc_window)
-            loss = loss + similarity
+            loss = loss + c.ncc_weight * similarity
             terms["ncc"] = similarity.item()
         if known is not None and c.field_weight > 0:  # squared end-point error inside the fixed head
             error = losses.weighted_mean(((flow.float() - known[:, :3]) ** 2).sum(1, keepdim=True), known[:, 3:])
