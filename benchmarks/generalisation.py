@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerVoxelMorph"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lpba40 import ATLAS, DEFAULT_DATA, ants_syn, default_subjects, find_file, find_subject, mean_dice
+from lpba40 import ATLAS, DEFAULT_DATA, ants_syn, default_subjects, find_file, find_subject
 
 from SlicerVoxelMorphLib import metrics, variants
 from SlicerVoxelMorphLib.preprocess import normalise
@@ -140,17 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         moving, moving_labels = (sitk.ReadImage(str(path)) for path in find_subject(data, subject))
         fixed, fixed_labels = atlas or tuple(sitk.ReadImage(str(path))
                                              for path in find_subject(data, subjects[(n + 1) % len(subjects)]))
-        f_scored = tissue_labels(fixed, fixed_labels) if args.score == "tissue" else fixed_labels
+        tissue = args.score == "tissue"
+        f_scored = tissue_labels(fixed, fixed_labels) if tissue else fixed_labels
+        moving_scored = tissue_labels(moving, moving_labels) if tissue else moving_labels  # every variant but aged
         ids = metrics.label_ids(sitk.GetArrayViewFromImage(f_scored))
         for kind in kinds:
-            m_labels = moving_labels
+            m_labels, m_scored = moving_labels, moving_scored
             if kind == AGED:
                 m, m_labels = aged_subject(moving, moving_labels)
-                m_scored = tissue_labels(m, m_labels) if args.score == "tissue" else m_labels
+                m_scored = tissue_labels(m, m_labels) if tissue else m_labels
             else:
                 m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
                     if kind != FIXED_HEAD else moving
-                m_scored = tissue_labels(moving, m_labels) if args.score == "tissue" else m_labels
             f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
             for name, model in models.items():
                 start = time.perf_counter()
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     score = report.get("same_head", {}).get("score")
                 seconds = time.perf_counter() - start
                 per_label = metrics.dice(sitk.GetArrayViewFromImage(f_scored), warped, ids)
-                dice = mean_dice(sitk.GetArrayViewFromImage(f_scored), warped, ids)
-                tissues = {f"dice_{n}": round(per_label[n], 4) for n in TISSUE_NAMES if args.score == "tissue"}
+                dice = float(np.nanmean(list(per_label.values())))  # lpba40.mean_dice, from the per-label values
+                tissues = {f"dice_{n}": round(per_label[n], 4) for n in TISSUE_NAMES if tissue}
                 rows.append({"model": name, "variant": kind, "subject": subject, "mean_dice": round(dice, 4), **tissues,
                              "folding_percent": round(folding, 4), "seconds": round(seconds, 2), "refined": refined,
                              "same_head_score": score, "alignment_ratio": report.get("alignment", {}).get("ratio"),
@@ -196,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             worst[name] = min(worst[name], value)
             cells.append(f"{value:.3f}")
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-        for n, tissue in TISSUE_NAMES.items() if args.score == "tissue" else ():
+        for n, tissue_name in TISSUE_NAMES.items() if args.score == "tissue" else ():
             scored = [r for r in rows if r["variant"] == kind]
             cells = [f"{statistics.mean(r[f'dice_{n}'] for r in scored if r['model'] == name):.3f}"
                      for name in models]
-            lines.append(f"| {kind}: {tissue} | " + " | ".join(cells) + " |")
+            lines.append(f"| {kind}: {tissue_name} | " + " | ".join(cells) + " |")
     lines.append("| **worst** | " + " | ".join(f"**{worst[name]:.3f}**" for name in models) + " |")
     lines.append("| max folding % | " + " | ".join(
         f"{max(r['folding_percent'] for r in rows if r['model'] == name):.4f}" for name in models) + " |")
