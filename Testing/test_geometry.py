@@ -200,6 +200,29 @@ def test_working_grid_covers_the_mask_with_margin_in_whole_multiples():
     assert ((last - first) - (high - low) < 16).all()  # no more than one extra multiple
 
 
+def test_working_grid_along_other_axes_covers_the_mask_in_its_own_frame():
+    image = sitk.Image([50, 60, 40], sitk.sitkFloat32)
+    image.SetSpacing((0.8, 1.0, 1.5))
+    image.SetOrigin((10.0, -20.0, 5.0))
+    mask = np.zeros((40, 60, 50), bool)
+    mask[10:20, 15:45, 5:30] = True
+    axes = ROTATED  # columns: the grid's i along world +y, j along -x, k along -z
+    grid = images.working_grid(image, mask, 1.0, 16, margin_mm=4.0, direction=axes)
+    np.testing.assert_allclose(np.array(grid.GetDirection()).reshape(3, 3), axes)
+    low = np.array([10.0 + 0.8 * 4.5, -20.0 + 14.5, 5.0 + 1.5 * 9.5]) - 4.0  # world box, as in the test above
+    high = np.array([10.0 + 0.8 * 29.5, -20.0 + 44.5, 5.0 + 1.5 * 19.5]) + 4.0
+    size = np.array(grid.GetSize())
+    assert (size % 16 == 0).all()
+    # the grid's extent along world x, y, z: its voxel edges on the axes i, j, k point along (y, -x, -z)
+    corners = np.array([grid.TransformContinuousIndexToPhysicalPoint([a, b, c]) for a in (-0.5, size[0] - 0.5)
+                        for b in (-0.5, size[1] - 0.5) for c in (-0.5, size[2] - 0.5)])
+    first, last = corners.min(0), corners.max(0)
+    assert (first <= low + 1e-9).all() and (last >= high - 1e-9).all()
+    np.testing.assert_allclose((first + last) / 2, (low + high) / 2, atol=1e-9)
+    extent = high - low  # world x, y, z; the grid's i, j, k run along y, x, z
+    np.testing.assert_array_equal(size, np.ceil(extent[[1, 0, 2]] / 16).astype(int) * 16)
+
+
 def test_jacobian_of_a_smooth_field_matches_simpleitk_inside():
     image = sitk.Image([14, 12, 10], sitk.sitkFloat32)
     image.SetSpacing((1.5, 0.8, 2.0))

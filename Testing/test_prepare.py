@@ -58,7 +58,7 @@ def test_training_sees_a_ras_stored_subject_as_registration_sees_its_lps_copy(tm
     ras_labels = _storages(labels.astype(np.int16))["ras"]
     sitk.WriteImage(stored["ras"], str(tmp_path / "ras.nii.gz"))
     sitk.WriteImage(ras_labels, str(tmp_path / "ras_labels.nii.gz"))
-    grid = grid_for(stored["lps"], None, 2.0, 0.0)
+    grid = grid_for(stored["lps"], None, 2.0, 0.0, axes=np.eye(3))  # voxel axes along L, P, S
     subject, _ = load_subject(str(tmp_path / "ras.nii.gz"), str(tmp_path / "ras_labels.nii.gz"), [1, 2, 3],
                               grid, 2)
     network_input = torch.nn.functional.avg_pool3d(torch.from_numpy(prepare(stored["lps"], grid))[None, None], 2)

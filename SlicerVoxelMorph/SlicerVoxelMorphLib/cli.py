@@ -128,6 +128,7 @@ def run_register(args: argparse.Namespace) -> None:
         import SimpleITK as sitk
 
         from .inputs import check_inputs
+        from .orientation import AnatomyOrientation
         from .preprocess import NETWORK_SPACING_MM, align, working_pair
         from .report import write_report_png
 
@@ -154,8 +155,11 @@ def run_register(args: argparse.Namespace) -> None:
         aligned = align(fixed, moving, progress, checked.fixed_mask, checked.moving_mask, not args.no_affine)
         affine_seconds = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
+        anatomy = AnatomyOrientation().execute(fixed)
+        orientation_seconds = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
         working = working_pair(fixed, moving, aligned.transform, NETWORK_SPACING_MM, aligned.fixed_mask,
-                               aligned.moving_mask, aligned)
+                               aligned.moving_mask, aligned, anatomy)
         resample_seconds = round(time.perf_counter() - start, 3)
         register = loading.join().register  # the import's own warnings are not the user's business
         if args.threads:
@@ -174,7 +178,8 @@ def run_register(args: argparse.Namespace) -> None:
         if bar is not None:
             bar.close()
     seconds = result.report["seconds"]  # the stages done here, before register, add to its own
-    seconds = {**seconds, "affine": affine_seconds, "resample": round(seconds["resample"] + resample_seconds, 3)}
+    seconds = {**seconds, "affine": affine_seconds, "orientation": orientation_seconds,
+               "resample": round(seconds["resample"] + resample_seconds, 3)}
     result.report["seconds"] = {**seconds, "total": round(sum(v for k, v in seconds.items() if k != "total"), 3)}
     images_level, fields_level = COMPRESSION[args.compression]
     report = {"fixed": str(args.fixed), "moving": str(args.moving), **result.report}

@@ -223,22 +223,25 @@ def affine_matrix(transform: sitk.Transform) -> np.ndarray:
 
 
 def working_grid(fixed: sitk.Image, mask: np.ndarray, spacing: float = 1.0, multiple: int = 16,
-                 margin_mm: float = 4.0) -> sitk.Image:
-    """Empty float image on an LPS-aligned grid of ``spacing`` mm (identity direction) whose size is a
-    multiple of ``multiple``, centred on the bounding box of ``mask`` (a (K, J, I) foreground of fixed)."""
+                 margin_mm: float = 4.0, direction: np.ndarray | None = None) -> sitk.Image:
+    """Empty float image on a grid of ``spacing`` mm whose axes point along the columns of ``direction``
+    (LPS; identity when None), whose size is a multiple of ``multiple``, centred on the bounding box of
+    ``mask`` (a (K, J, I) foreground of fixed) plus ``margin_mm``, the box taken along the grid's axes."""
     mask = np.array(mask, dtype=bool)
     if not mask.any():
         mask[:] = True
+    axes = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
     k, j, i = np.nonzero(mask)
     corners = np.array([[a, b, c, 1.0] for a in (i.min() - 0.5, i.max() + 0.5)
                         for b in (j.min() - 0.5, j.max() + 0.5) for c in (k.min() - 0.5, k.max() + 0.5)])
-    points = (corners @ index_to_physical(fixed).T)[:, :3]
+    points = (corners @ index_to_physical(fixed).T)[:, :3] @ axes  # coordinates along the grid's axes
     low, high = points.min(0) - margin_mm, points.max(0) + margin_mm
     size = np.ceil((high - low) / spacing / multiple).astype(int) * multiple
     centre = (low + high) / 2
     grid = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
     grid.SetSpacing([spacing] * 3)
-    grid.SetOrigin((centre - (size - 1) * spacing / 2).tolist())
+    grid.SetDirection(axes.flatten().tolist())
+    grid.SetOrigin((axes @ (centre - (size - 1) * spacing / 2)).tolist())
     return grid
 
 

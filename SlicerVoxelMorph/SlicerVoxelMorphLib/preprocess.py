@@ -2,18 +2,24 @@
 affine pre-alignment.
 
 Every image the network sees, in training or registration, goes through ``prepare``: resampled
-(linear) onto an LPS-aligned working grid of WORKING_SPACING_MM (whatever the stored orientation,
-spacing or extent), the outside filled with the image's own background level, then normalised.
+(linear) onto a working grid of WORKING_SPACING_MM whose axes point along NETWORK_AXES of the fixed
+image's anatomy (``orientation.AnatomyOrientation``: whatever the stored orientation, spacing or extent,
+and whether or not the header tells the anatomy right), the outside filled with the image's own
+background level, then normalised.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import images
 from .errors import Cancelled, InputError
+
+if TYPE_CHECKING:  # orientation imports this module
+    from .orientation import Orientation
 
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
 WORKING_SPACING_MM = 1.0
@@ -28,6 +34,9 @@ MIN_EXTENT_MM = 32.0  # the working grid is 1 mm and the network pools 32x: smal
 # the network level of the bundled models (and of refinement without a model): the command line prepares
 # the pair for it while torch imports; ``register`` rebuilds it for a model of another spacing
 NETWORK_SPACING_MM = 2.0
+# columns: the directions (LPS, in a header that tells the anatomy right) of the working grid's axes i, j, k:
+# Right, Anterior, Superior, the order in which the bundled models' training images (LPBA40) store their voxels
+NETWORK_AXES = np.diag([-1.0, -1.0, 1.0])
 
 
 def normalise(array: np.ndarray) -> np.ndarray:
@@ -87,13 +96,15 @@ def level_factor(spacing_mm: float) -> int:
     return round(factor)
 
 
-def grid_for(image: sitk.Image, mask: np.ndarray | None, spacing_mm: float, margin_mm: float = 4.0) -> sitk.Image:
-    """The working grid of an image: LPS-aligned, WORKING_SPACING_MM, around ``mask`` (the whole image
-    when None) plus ``margin_mm``, each size a multiple of the network level's pooling."""
+def grid_for(image: sitk.Image, mask: np.ndarray | None, spacing_mm: float, margin_mm: float = 4.0,
+             axes: np.ndarray = NETWORK_AXES) -> sitk.Image:
+    """The working grid of an image: axes along the columns of ``axes`` (LPS; ``Orientation.working_axes``
+    of the image, NETWORK_AXES when its header tells its anatomy right), WORKING_SPACING_MM, around ``mask``
+    (the whole image when None) plus ``margin_mm``, each size a multiple of the network level's pooling."""
     if mask is None:
         mask = np.ones(image.GetSize()[::-1], dtype=bool)
     multiple = GRID_MULTIPLE * level_factor(spacing_mm)
-    return images.working_grid(image, mask, WORKING_SPACING_MM, multiple, margin_mm)
+    return images.working_grid(image, mask, WORKING_SPACING_MM, multiple, margin_mm, axes)
 
 
 def resample(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None,
@@ -147,24 +158,26 @@ class WorkingPair:
     fixed_mask: np.ndarray | None  # 0/1
     moving_mask: np.ndarray | None
     alignment: "Alignment | None" = None  # the masks' source images and which side showed a head
+    anatomy: "Orientation | None" = None  # the fixed image's anatomical orientation the grid follows
 
 
 def working_pair(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, spacing_mm: float,
                  fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
-                 alignment: "Alignment | None" = None) -> WorkingPair:
+                 alignment: "Alignment | None" = None, anatomy: "Orientation | None" = None) -> WorkingPair:
     """The working grid around the fixed foreground (or ``fixed_mask``) for a network level of
-    ``spacing_mm``, both images prepared on it (the moving one through ``transform``) and the masks
-    resampled onto it; ``alignment`` (from ``align``) is kept with it."""
+    ``spacing_mm``, its axes along ``anatomy.working_axes()`` (the fixed image's anatomical orientation;
+    NETWORK_AXES of its header when None), both images prepared on it (the moving one through
+    ``transform``) and the masks resampled onto it; ``alignment`` (from ``align``) is kept with it."""
     if fixed_mask is not None:
         foreground = sitk.GetArrayFromImage(fixed_mask) > 0
     else:
         foreground = foreground_mask(fixed)
-    grid = grid_for(fixed, foreground, spacing_mm)
+    grid = grid_for(fixed, foreground, spacing_mm, axes=NETWORK_AXES if anatomy is None else anatomy.working_axes())
     masks = [None if mask is None else mask_on_grid(mask, grid, t)  # each resampled once, for both uses
              for mask, t in ((fixed_mask, None), (moving_mask, transform))]
     fixed_array, moving_array = (_prepared(image, grid, t, None if mask is None else mask > 0)
                                  for image, t, mask in ((fixed, None, masks[0]), (moving, transform, masks[1])))
-    return WorkingPair(spacing_mm, transform, grid, foreground, fixed_array, moving_array, *masks, alignment)
+    return WorkingPair(spacing_mm, transform, grid, foreground, fixed_array, moving_array, *masks, alignment, anatomy)
 
 
 def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:

@@ -24,6 +24,7 @@ from .layers import (
     sample_on_grid,
 )
 from .models import load_model, resolve_model, versions
+from .orientation import AnatomyOrientation
 from .preprocess import (
     WORKING_SPACING_MM,
     Alignment,
@@ -178,11 +179,21 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
                       "skull-stripped: aligning and registering the brains only (the other's outline masks it)",
                       RuntimeWarning, stacklevel=2)
 
-    clock("resample")
     spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
     factor = level_factor(spacing)
-    if working is None or working.spacing_mm != spacing:
-        working = working_pair(fixed, moving, transform, spacing, aligned.fixed_mask, aligned.moving_mask, aligned)
+    anatomy = working.anatomy if working is not None else None
+    rebuild = working is None or working.spacing_mm != spacing
+    if rebuild and anatomy is None:
+        clock("orientation")
+        anatomy = AnatomyOrientation().execute(fixed)
+    clock("resample")
+    if rebuild:
+        working = working_pair(fixed, moving, transform, spacing, aligned.fixed_mask, aligned.moving_mask, aligned,
+                               anatomy)
+    if anatomy is not None and not anatomy.header_is_right:
+        warnings.warn("the fixed image's header does not tell its anatomy's directions right (the brain lies turned "
+                      "against them): the network sees it the right way round; the outputs keep the header's "
+                      "geometry", RuntimeWarning, stacklevel=2)
     grid, fixed_foreground = working.grid, working.fixed_foreground
     f, m = (torch.from_numpy(a)[None, None] for a in (working.fixed, working.moving))
     masks = [None if a is None else torch.from_numpy(a)[None, None] for a in (working.fixed_mask, working.moving_mask)]
@@ -263,9 +274,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         **({"same_head": same_head} if same_head is not None else {}),
         **({"intensity_correlation": round(correlation, 3)} if correlation is not None else {}),
         **({"head_masked": aligned.head_side} if aligned.head_side is not None else {}),
+        **({"orientation": anatomy.as_report()} if anatomy is not None else {}),
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
         "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
-                         "origin_lps": list(grid.GetOrigin())},
+                         "origin_lps": list(grid.GetOrigin()), "direction_lps": list(grid.GetDirection())},
         "folding_percent": metrics.folding_percent(det, mask),
         "std_log_jacobian": metrics.std_log_jacobian(det, mask),
         "versions": versions(),

@@ -208,6 +208,7 @@ REFINE_REASONS = {
 STAGES = {
     "check": ("Checking inputs", 1),
     "affine": ("Affine pre-alignment", 12),
+    "orientation": ("Finding the brain's orientation", 4),
     "resample": ("Resampling to the working grid", 3),
     "network": ("Running the network", 6),
     "refine": ("Refining (instance optimisation)", 60),

@@ -21,6 +21,7 @@ from .images import check_image, check_labels, read_image
 from .layers import ResizeTransform, SpatialTransformer, downsample
 from .models import load_model, resolve_model, save_model
 from .networks import VxmDense
+from .orientation import AnatomyOrientation
 from .preprocess import grid_for, level_factor, prepare, resample
 from .synth import (
     TISSUE_LABELS,
@@ -195,8 +196,10 @@ class Trainer:
             self.label_set = sorted(set(self.label_set) | set(metrics.label_ids(
                 sitk.GetArrayFromImage(read_image(path, "labels")))))
         self.factor = level_factor(c.spacing_mm)
-        # one training grid for all subjects: the working grid of the first image, over its whole extent
-        self.grid = grid_for(check_image(read_image(c.images[0], "training image")), None, c.spacing_mm, 0.0)
+        # one training grid for all subjects: the working grid of the first image, over its whole extent, its axes
+        # along that image's anatomy as in registration
+        first = check_image(read_image(c.images[0], "training image"))
+        self.grid = grid_for(first, None, c.spacing_mm, 0.0, AnatomyOrientation().execute(first).working_axes())
         subjects = len(c.images) + len(c.val_images) + (1 if c.atlas else 0)
         soft_bytes = len(self.label_set) * subjects * np.prod(self.grid.GetSize()) / self.factor ** 3
         if c.labels and soft_bytes > MAX_LABEL_BYTES:

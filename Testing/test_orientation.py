@@ -1,0 +1,107 @@
+"""Anatomical orientation: the rotation a header hides is found, a header that is right or an object that is no
+brain is left alone, and the network's view of a brain does not depend on its header."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
+
+from conftest import SHARED, to_image
+from SlicerVoxelMorphLib.orientation import ROTATIONS, AnatomyOrientation
+from SlicerVoxelMorphLib.preprocess import NETWORK_AXES, grid_for, prepare
+
+nilearn = pytest.importorskip("nilearn.datasets")
+
+
+def turned(image: sitk.Image, rotation: np.ndarray) -> sitk.Image:
+    """The same voxels under a header turned so that the anatomy now lies along ``rotation`` (LPS columns)."""
+    out = sitk.Image(image)
+    out.SetDirection((rotation @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
+    out.SetOrigin((rotation @ np.array(image.GetOrigin())).tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def brain() -> sitk.Image:
+    """MNI152 (the template's source) made unlike the template: 2.5 x 2 x 3 mm, a smaller brain (x 0.9), shifted
+    by 20 mm, a T2-like contrast (dark white matter, bright CSF), a bias field and noise."""
+    mni = sitk.ReadImage(str(nilearn.MNI152_FILE_PATH), sitk.sitkFloat32)
+    grid = sitk.Image([64, 90, 54], sitk.sitkFloat32)
+    grid.SetSpacing((2.5, 2.0, 3.0))
+    grid.SetOrigin((-80.0, -110.0, -60.0))
+    shrink = sitk.AffineTransform(3)
+    shrink.SetMatrix((np.eye(3) / 0.9).flatten().tolist())
+    shrink.SetTranslation((0.0, 20.0, 0.0))
+    array = sitk.GetArrayFromImage(sitk.Resample(mni, grid, shrink, sitk.sitkLinear, 0.0))
+    array = array / np.percentile(array, 99.5)
+    t2 = np.where(array > 0.05, 1.2 - array, 0.0)  # white matter darkest, CSF brightest, background black
+    k, _, i = np.indices(array.shape) / np.array(array.shape)[:, None, None, None]
+    rng = np.random.default_rng(3)
+    noisy = t2 * (1 + 0.3 * (i - 0.5) + 0.2 * (k - 0.5)) + rng.normal(0, 0.03, array.shape)
+    return to_image(noisy.astype(np.float32), grid.GetSpacing(), grid.GetOrigin())
+
+
+def test_the_24_rotations_map_axes_onto_axes_once_each():
+    assert len(ROTATIONS) == 24 and np.array_equal(ROTATIONS[0], np.eye(3))
+    for rotation in ROTATIONS:
+        np.testing.assert_allclose(rotation @ rotation.T, np.eye(3))
+        assert np.linalg.det(rotation) == pytest.approx(1.0) and set(np.abs(rotation).sum(0)) == {1.0}
+    assert len({rotation.tobytes() for rotation in ROTATIONS}) == 24
+
+
+def test_a_right_header_stands(brain):
+    found = AnatomyOrientation().execute(brain)
+    assert found.header_is_right and found.match > 1.1 * found.runner_up
+
+
+@pytest.mark.parametrize("which", [3, 7, 12, 21])
+def test_the_rotation_a_header_hides_is_found(brain, which):
+    rotation = ROTATIONS[which]
+    found = AnatomyOrientation().execute(turned(brain, rotation))
+    np.testing.assert_array_equal(found.rotation, rotation)
+    np.testing.assert_array_equal(found.working_axes(), rotation @ NETWORK_AXES)
+
+
+def test_an_object_that_is_no_brain_keeps_its_header():
+    rng = np.random.default_rng(0)
+    k, j, i = np.indices((60, 60, 60)) - 29.5
+    ellipsoid = ((i / 25) ** 2 + (j / 28) ** 2 + (k / 22) ** 2 < 1) * (1 + gaussian_filter(rng.normal(size=k.shape), 2))
+    image = to_image(ellipsoid.astype(np.float32), (2.5, 2.5, 2.5))
+    for rotation in ROTATIONS[:3]:
+        assert AnatomyOrientation().execute(turned(image, rotation)).header_is_right
+
+
+def test_the_network_sees_a_brain_the_same_whatever_its_header_says(brain):
+    """The working grid follows the anatomy: a turned header gives the same network input, voxel for voxel."""
+    views = []
+    for rotation in (np.eye(3), ROTATIONS[3], ROTATIONS[12]):
+        image = turned(brain, rotation)
+        axes = AnatomyOrientation().execute(image).working_axes()
+        grid = grid_for(image, None, 2.0, axes=axes)
+        views.append(prepare(image, grid))
+    for view in views[1:]:
+        assert view.shape == views[0].shape
+        np.testing.assert_allclose(view, views[0], atol=1e-4)
+
+
+def _centre(image: sitk.Image, labels: np.ndarray, ids: list[int]) -> np.ndarray:
+    """World centre (LPS mm) of the voxels carrying ``ids``."""
+    k, j, i = np.nonzero(np.isin(labels, ids))
+    return np.array(image.TransformContinuousIndexToPhysicalPoint([i.mean(), j.mean(), k.mean()]))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/LPBA40")
+def test_lpba40_brains_are_found_where_their_labels_put_the_anatomy():
+    """LPBA40 as provided stores R, A, S under an L, P, S header (its labels say so: the frontal gyri lie at +y,
+    the left ones at -x); found as stored and under a header that tells the anatomy right."""
+    labels_of = SHARED / "label" / "{}.delineation.structure.label.nii.gz"
+    for image_path, label_path in ((SHARED / "fixed.nii.gz", str(labels_of).format("S01")),
+                                   (SHARED / "train" / "S35.delineation.skullstripped.nii.gz",
+                                    str(labels_of).format("S35"))):
+        image, labels = sitk.ReadImage(str(image_path)), sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+        frontal, occipital = (_centre(image, labels, ids) for ids in ([21, 22], [61, 62]))  # superior gyri
+        left, right = (_centre(image, labels, ids) for ids in ([21, 61], [22, 62]))
+        assert frontal[1] > occipital[1] + 50 and left[0] < right[0] - 10  # anterior at +y, left at -x
+        stored = AnatomyOrientation().execute(image)
+        np.testing.assert_array_equal(stored.rotation, np.diag([-1.0, -1.0, 1.0]))
+        assert AnatomyOrientation().execute(turned(image, stored.rotation.T)).header_is_right
