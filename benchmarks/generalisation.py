@@ -5,8 +5,10 @@ With --scan-to-scan each subject goes to the next one of the list instead (the l
 Variants (SlicerVoxelMorphLib.variants): plain; the moving image remapped to inverted, T2-like,
 FLAIR-like, random monotone and random non-monotone contrasts (the fixed image stays T1); both images
 with synthetic CSF rim, skull and scalp around the brain; and, not in the default list, one image with them,
-the other skull-stripped (``moving_head``, ``fixed_head``), or the moving subject made to look older (``aged``:
-image and labels pushed away from its CSF, ``variants.aged``: wider ventricles and sulci).
+the other skull-stripped (``moving_head``, ``fixed_head``), the moving subject made to look older (``aged``:
+image and labels pushed away from its CSF, ``variants.aged``: wider ventricles and sulci), or both images under
+headers that tell their anatomy right (``right_header``: as other datasets store brains; LPBA40's own headers
+have them turned by 180 degrees about the inferior-superior axis).
 With --score tissue the Dice is over the tissue labels of each subject (``synth.tissue_map`` of its T1 image
 and structure labels: CSF inside the labelled structures, CSF outside them (the ventricles), grey and white
 matter), like the whole-brain aseg labels of other datasets, instead of LPBA40's 56 structures.
@@ -52,6 +54,19 @@ ANTS = "ants"  # a model PATH that means ANTs SyN
 MOVING_HEAD = "moving_head"  # a head registered to a skull-stripped brain
 FIXED_HEAD = "fixed_head"  # a skull-stripped brain registered to a head
 AGED = "aged"  # the moving subject with wider ventricles and sulci
+RIGHT_HEADER = "right_header"  # both images and labels under headers that tell their anatomy right
+# LPBA40 as provided stores its voxels R, A, S under an L, P, S header (Testing/test_orientation.py): other
+# datasets' files put the same brains at directions turned by this rotation (LPS columns)
+LPBA40_ANATOMY = np.diag([-1.0, -1.0, 1.0])
+
+
+def right_header(image: sitk.Image) -> sitk.Image:
+    """An LPBA40 image (or label map) under a header that tells its anatomy right: the same voxels, the
+    directions (and origin) turned by LPBA40_ANATOMY^T, as a file of another dataset would store the brain."""
+    out = sitk.Image(image)
+    out.SetDirection((LPBA40_ANATOMY.T @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
+    out.SetOrigin((LPBA40_ANATOMY.T @ np.array(image.GetOrigin())).tolist())
+    return out
 
 
 def aged_subject(image: sitk.Image, labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
@@ -153,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
                 m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
                     if kind != FIXED_HEAD else moving
             f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
+            f_labels = f_scored
+            if kind == RIGHT_HEADER:
+                f, m, f_labels, m_scored = (right_header(image) for image in (fixed, moving, f_scored, m_scored))
             for name, model in models.items():
                 start = time.perf_counter()
                 refined, score, report = False, None, {}
                 if model == ANTS:
-                    warped, folding = syn(f, m, m_scored, f_scored)
+                    warped, folding = syn(f, m, m_scored, f_labels)
                 else:
-                    result = register(f, m, fixed_labels=f_scored, moving_labels=m_scored, model=model,
+                    result = register(f, m, fixed_labels=f_labels, moving_labels=m_scored, model=model,
                                       device="cpu", refine_steps=args.refine, auto_refine=args.auto_refine,
                                       accurate=args.accurate)
                     warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
