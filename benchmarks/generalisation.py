@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 m_scored = tissue_labels(m, m_labels) if tissue else m_labels
             else:
                 m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
-                    if kind != FIXED_HEAD else moving
+                    if kind not in (FIXED_HEAD, RIGHT_HEADER) else moving
             f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
             f_labels = f_scored
             if kind == RIGHT_HEADER:
