@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-from conftest import SHARED, to_image
+from conftest import SHARED, phantom, to_image
 from SlicerVoxelMorphLib.orientation import ROTATIONS, AnatomyOrientation
 from SlicerVoxelMorphLib.preprocess import NETWORK_AXES, grid_for, prepare
 
@@ -66,9 +66,11 @@ def test_an_object_that_is_no_brain_keeps_its_header():
     rng = np.random.default_rng(0)
     k, j, i = np.indices((60, 60, 60)) - 29.5
     ellipsoid = ((i / 25) ** 2 + (j / 28) ** 2 + (k / 22) ** 2 < 1) * (1 + gaussian_filter(rng.normal(size=k.shape), 2))
-    image = to_image(ellipsoid.astype(np.float32), (2.5, 2.5, 2.5))
-    for rotation in ROTATIONS[:3]:
-        assert AnatomyOrientation().execute(turned(image, rotation)).header_is_right
+    objects = [to_image(ellipsoid.astype(np.float32), (2.5, 2.5, 2.5))]  # a brain's size, no brain's shape
+    objects += [to_image(phantom((40, 44, 36), seed)[0]) for seed in range(4)]  # small, lopsided
+    for image in objects:
+        for rotation in ROTATIONS[:3]:
+            assert AnatomyOrientation().execute(turned(image, rotation)).header_is_right
 
 
 def test_the_network_sees_a_brain_the_same_whatever_its_header_says(brain):

@@ -296,6 +296,10 @@ def test_dice_table_rows_follow_the_report():
         **report, "auto_refined": True, "auto_refine_reason": "network weaker than on its training data"})
     assert "did not improve" in scene.summary_text({**report, "auto_refined": True})
     assert "moving volume's skull and scalp were masked" in scene.summary_text({**report, "head_masked": "moving"})
+    assert "header" not in text and "header" not in scene.summary_text(
+        {**report, "orientation": {"header_matches_anatomy": True}})
+    assert "header does not give its anatomy's directions right" in scene.summary_text(
+        {**report, "orientation": {"header_matches_anatomy": False}})
 
 
 def test_labels_are_paired_by_value_or_by_name():

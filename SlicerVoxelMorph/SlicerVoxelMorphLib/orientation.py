@@ -8,7 +8,8 @@ another's axis convention) are wrong in other ways, and most are right. ``Anatom
 of the 24 axis-aligned rotations takes a small bundled brain template (TEMPLATE: the MNI ICBM 2009a
 symmetric T1, 6 mm) onto the image best: by mutual information after a short similarity registration from
 the header's own orientation and from the most promising others (by mutual information with the centres
-aligned). The header stands unless another rotation matches clearly better than every other (CONFIDENCE).
+aligned). The header stands unless another rotation matches clearly better than every other (CONFIDENCE)
+and well enough for a brain (MIN_MATCH).
 Settings, then ``execute``, as SimpleITK's filters.
 """
 
@@ -27,8 +28,11 @@ SMOOTHING_MM = 3.0  # Gaussian sigma before that level is sampled
 # another rotation replaces the header's when its match is this many times that of every other one registered:
 # LPBA40 S01, S11..S40 as stored and under right headers, plain, T2-like, inverted and with a synthetic head (248
 # cases, benchmarks/orientation.py, the reference from each subject's labels): all right, 1.17-1.49 times the next;
-# textured ellipsoids and the 40-48 mm phantoms of the tests: 1.00-1.05
+# a textured ellipsoid of a brain's size: 1.00
 CONFIDENCE = 1.1
+# ... and when it matches at least this well: those LPBA40 cases 0.52-0.80 in the orientation found, the phantoms of
+# the tests (ellipsoids of 30-40 mm, where two of the three rotations registered can differ by 1.3) 0.20-0.33
+MIN_MATCH = 0.4
 
 
 def _rotations() -> list[np.ndarray]:
@@ -165,7 +169,7 @@ class AnatomyOrientation:
             method.Execute(template, views[n])
             matches[n] = -method.GetMetricValue()
         best = max(matches, key=matches.get)
-        if matches[best] < self.confidence * max(value for n, value in matches.items() if n != best):
-            best = 0  # no clear winner (not a brain?): the header stands
+        if matches[best] < max(MIN_MATCH, self.confidence * max(value for n, value in matches.items() if n != best)):
+            best = 0  # no brain, or no clear winner: the header stands
         runner_up = max(value for n, value in matches.items() if n != best)
         return Orientation(ROTATIONS[best], matches[best], matches[0], runner_up)
