@@ -8,7 +8,8 @@ with synthetic CSF rim, skull and scalp around the brain; and, not in the defaul
 the other skull-stripped (``moving_head``, ``fixed_head``), the moving subject made to look older (``aged``:
 image and labels pushed away from its CSF, ``variants.aged``: wider ventricles and sulci), or both images under
 headers that tell their anatomy right (``right_header``: as other datasets store brains; LPBA40's own headers
-have them turned by 180 degrees about the inferior-superior axis).
+have them turned by 180 degrees about the inferior-superior axis), or only the fixed one (``mixed_headers``: an
+LPBA40 subject as provided to an atlas of another dataset).
 With --score tissue the Dice is over the tissue labels of each subject (``synth.tissue_map`` of its T1 image
 and structure labels: CSF inside the labelled structures, CSF outside them (the ventricles), grey and white
 matter), like the whole-brain aseg labels of other datasets, instead of LPBA40's 56 structures.
@@ -55,6 +56,7 @@ MOVING_HEAD = "moving_head"  # a head registered to a skull-stripped brain
 FIXED_HEAD = "fixed_head"  # a skull-stripped brain registered to a head
 AGED = "aged"  # the moving subject with wider ventricles and sulci
 RIGHT_HEADER = "right_header"  # both images and labels under headers that tell their anatomy right
+MIXED_HEADERS = "mixed_headers"  # the fixed image and labels under such headers, the moving ones as stored
 # LPBA40 as provided stores its voxels R, A, S under an L, P, S header (Testing/test_orientation.py): other
 # datasets' files put the same brains at directions turned by this rotation (LPS columns)
 LPBA40_ANATOMY = np.diag([-1.0, -1.0, 1.0])
@@ -166,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                 m_scored = tissue_labels(m, m_labels) if tissue else m_labels
             else:
                 m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
-                    if kind not in (FIXED_HEAD, RIGHT_HEADER) else moving
+                    if kind not in (FIXED_HEAD, RIGHT_HEADER, MIXED_HEADERS) else moving
             f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
             f_labels = f_scored
             if kind == RIGHT_HEADER:
                 f, m, f_labels, m_scored = (right_header(image) for image in (fixed, moving, f_scored, m_scored))
+            elif kind == MIXED_HEADERS:
+                f, f_labels = right_header(fixed), right_header(f_scored)
             for name, model in models.items():
                 start = time.perf_counter()
                 refined, score, report = False, None, {}

@@ -128,7 +128,7 @@ def run_register(args: argparse.Namespace) -> None:
         import SimpleITK as sitk
 
         from .inputs import check_inputs
-        from .orientation import AnatomyOrientation
+        from .orientation import pair_orientations
         from .preprocess import NETWORK_SPACING_MM, align, working_pair
         from .report import write_report_png
 
@@ -152,14 +152,15 @@ def run_register(args: argparse.Namespace) -> None:
         checked = check_inputs(**inputs, smoothness=args.smoothness)
         fixed, moving = inputs["fixed"], inputs["moving"]
         start = time.perf_counter()
-        aligned = align(fixed, moving, progress, checked.fixed_mask, checked.moving_mask, not args.no_affine)
-        affine_seconds = round(time.perf_counter() - start, 3)
-        start = time.perf_counter()
-        anatomy = AnatomyOrientation().execute(fixed)
+        orientations = pair_orientations(fixed, moving, both=not args.no_affine)
         orientation_seconds = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
+        aligned = align(fixed, moving, progress, checked.fixed_mask, checked.moving_mask, not args.no_affine,
+                        orientations=orientations)
+        affine_seconds = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
         working = working_pair(fixed, moving, aligned.transform, NETWORK_SPACING_MM, aligned.fixed_mask,
-                               aligned.moving_mask, aligned, anatomy)
+                               aligned.moving_mask, aligned, orientations.fixed)
         resample_seconds = round(time.perf_counter() - start, 3)
         register = loading.join().register  # the import's own warnings are not the user's business
         if args.threads:

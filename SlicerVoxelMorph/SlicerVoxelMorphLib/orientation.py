@@ -14,6 +14,7 @@ Settings, then ``execute``, as SimpleITK's filters.
 """
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,3 +174,55 @@ class AnatomyOrientation:
             best = 0  # no brain, or no clear winner: the header stands
         runner_up = max(value for n, value in matches.items() if n != best)
         return Orientation(ROTATIONS[best], matches[best], matches[0], runner_up)
+
+
+@dataclass
+class PairOrientation:
+    """The anatomical orientations of a pair: the fixed image's (the working grid follows it) and, when the affine
+    alignment starts from them, the moving image's, with ``turn``: the rotation (LPS) taking a direction of the
+    fixed image's world to the direction of the same anatomy in the moving image's world, None when the headers
+    agree (or the moving image was not judged, or the images themselves do not confirm it)."""
+
+    fixed: Orientation
+    moving: Orientation | None = None
+    turn: np.ndarray | None = None
+
+    def turn_degrees(self) -> float:
+        """The angle of ``turn`` (0 without one)."""
+        return 0.0 if self.turn is None else float(np.degrees(np.arccos(np.clip((np.trace(self.turn) - 1) / 2, -1, 1))))
+
+    def as_report(self) -> dict:
+        return {**self.fixed.as_report(), **({"moving": self.moving.as_report()} if self.moving is not None else {}),
+                "moving_turn_lps": None if self.turn is None else self.turn.tolist()}
+
+
+def confirmed(turn: np.ndarray, fixed: sitk.Image, moving: sitk.Image) -> bool:
+    """Whether the moving image matches the fixed one CONFIDENCE times better turned by ``turn`` than as its header
+    has it (coarse views, centres aligned, Mattes mutual information): the two template judgements agree with what
+    the images show of each other (phantoms, heads, non-brains can fool them). Unregistered: a short registration
+    of two coarse views can drift (a 30 mm phantom against its own head: from the header 0.41 -> 0.40, turned
+    0.26 -> 0.47)."""
+    target, source = coarse_view(fixed), coarse_view(moving)
+    target_centre, centre = centroid(target), centroid(source)
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=24)
+    method.SetMetricSamplingStrategy(method.NONE)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetInitialTransform(sitk.TranslationTransform(3, (centre - target_centre).tolist()))
+    header, turned = (-method.MetricEvaluate(target, rotated(source, rotation, centre))
+                      for rotation in (np.eye(3), turn))
+    return turned >= CONFIDENCE * header
+
+
+def pair_orientations(fixed: sitk.Image, moving: sitk.Image, both: bool = True) -> PairOrientation:
+    """``AnatomyOrientation`` of the fixed image and, with ``both``, of the moving one (in a second thread: ITK
+    releases the GIL), and the turn between them when the images confirm it."""
+    if not both:
+        return PairOrientation(AnatomyOrientation().execute(fixed))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        moving_orientation = pool.submit(AnatomyOrientation().execute, moving)
+        pair = PairOrientation(AnatomyOrientation().execute(fixed), moving_orientation.result())
+    turn = pair.moving.rotation @ pair.fixed.rotation.T
+    if not np.allclose(turn, np.eye(3)) and confirmed(turn, fixed, moving):
+        pair.turn = turn
+    return pair

@@ -19,7 +19,7 @@ from . import images
 from .errors import Cancelled, InputError
 
 if TYPE_CHECKING:  # orientation imports this module
-    from .orientation import Orientation
+    from .orientation import Orientation, PairOrientation
 
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
 WORKING_SPACING_MM = 1.0
@@ -202,6 +202,7 @@ class Alignment:
     fixed_mask: sitk.Image | None
     moving_mask: sitk.Image | None
     head_side: str | None  # 'fixed' or 'moving': the image that shows a head around the other's stripped brain
+    orientations: "PairOrientation | None" = None  # the anatomy's orientations the affine started from
 
 
 def head_side(fixed: sitk.Image, moving: sitk.Image) -> str | None:
@@ -216,10 +217,11 @@ def head_side(fixed: sitk.Image, moving: sitk.Image) -> str | None:
 
 def align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float], None] | None = None,
           fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None, affine: bool = True,
-          transform: sitk.Transform | None = None) -> Alignment:
-    """``affine_align`` (identity without ``affine``; ``transform`` when one is given), with brain outlines when
-    one image shows a head and the other a skull-stripped brain and no mask is given: the brain's foreground
-    masks the affine metric (else the brain is stretched onto the head) and, mapped through the affine, masks
+          transform: sitk.Transform | None = None, orientations: "PairOrientation | None" = None) -> Alignment:
+    """``affine_align`` (starting from ``orientations.turn``; identity without ``affine``; ``transform`` when one is
+    given; ``orientations`` are kept with it), with
+    brain outlines when one image shows a head and the other a skull-stripped brain and no mask is given: the brain's
+    foreground masks the affine metric (else the brain is stretched onto the head) and, mapped through the affine, masks
     the head image's skull and scalp for the network and the refinement."""
     side = head_side(fixed, moving) if fixed_mask is None and moving_mask is None else None
     if side == "moving":
@@ -227,13 +229,13 @@ def align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float]
     elif side == "fixed":
         moving_mask = _mask_image(object_mask(moving), moving)
     if transform is None:
-        transform = affine_align(fixed, moving, progress, fixed_mask=fixed_mask, moving_mask=moving_mask) \
-            if affine else sitk.AffineTransform(3)
+        transform = affine_align(fixed, moving, progress, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                 turn=orientations and orientations.turn) if affine else sitk.AffineTransform(3)
     if side == "moving":
         moving_mask = resample(fixed_mask, moving, transform.GetInverse(), labels=True)
     elif side == "fixed":
         fixed_mask = resample(moving_mask, fixed, transform, labels=True)
-    return Alignment(transform, fixed_mask, moving_mask, side)
+    return Alignment(transform, fixed_mask, moving_mask, side, orientations)
 
 
 def object_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
@@ -253,19 +255,22 @@ def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float], None] | None = None,
                  iterations: int = 100, fixed_mask: sitk.Image | None = None,
-                 moving_mask: sitk.Image | None = None) -> sitk.AffineTransform:
+                 moving_mask: sitk.Image | None = None, turn: np.ndarray | None = None) -> sitk.AffineTransform:
     """Affine transform mapping fixed-space points to moving-space points (ITK resampling direction).
 
     Both images are normalised, shrunk (up to 4x: 2x bin averaging, 2 mm Gaussian, bin averaging
     again) and registered at that one level: moments initialisation (moments of raw CT or z-scored MR
-    intensities mean nothing), then Mattes mutual information on a regular quarter of the voxels
-    (fixed seed: deterministic), regular-step gradient descent with physical-shift scales. Masks stay
-    on their full grids (the metric tests points in physical space).
+    intensities mean nothing; the centres matched, and the matrix ``turn`` when given: the rotation between
+    two headers that disagree about the anatomy, ``orientation.turn_between``), then Mattes mutual information
+    on a regular quarter of the voxels (fixed seed: deterministic), regular-step gradient descent with
+    physical-shift scales. Masks stay on their full grids (the metric tests points in physical space).
     """
     factor = max(1, min(4, min(fixed.GetSize()) // 16))
     f, m = (_coarse_normalised(image, factor) for image in (fixed, moving))
     transform = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
                                                   sitk.CenteredTransformInitializerFilter.MOMENTS)
+    if turn is not None:
+        transform.SetMatrix(np.asarray(turn, dtype=float).flatten().tolist())
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.REGULAR)

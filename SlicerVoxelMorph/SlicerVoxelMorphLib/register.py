@@ -24,7 +24,7 @@ from .layers import (
     sample_on_grid,
 )
 from .models import load_model, resolve_model, versions
-from .orientation import AnatomyOrientation
+from .orientation import AnatomyOrientation, PairOrientation, pair_orientations
 from .preprocess import (
     WORKING_SPACING_MM,
     Alignment,
@@ -168,12 +168,22 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     net, record = load_model(model_path) if model_path is not None else (None, {})
     torch_device = pick_device(device)
 
-    clock("affine")
     if working is not None:  # as the caller built it: its transform and masks
+        clock("affine")
         aligned = working.alignment or Alignment(working.transform, fixed_mask, moving_mask, None)
-    else:
-        aligned = align(fixed, moving, clock.progress, fixed_mask, moving_mask, affine, affine_transform)
+        orientations = aligned.orientations
+    else:  # headers that disagree about where the anatomy lies: the affine starts from their turn
+        clock("orientation")
+        orientations = pair_orientations(fixed, moving, both=affine and affine_transform is None)
+        clock("affine")
+        aligned = align(fixed, moving, clock.progress, fixed_mask, moving_mask, affine, affine_transform,
+                        orientations)
     transform = aligned.transform
+    anatomy = working.anatomy if working is not None else orientations.fixed
+    if orientations is not None and orientations.turn is not None:
+        warnings.warn("the two images' headers disagree about where the anatomy lies (the moving brain is turned by "
+                      f"{orientations.turn_degrees():.0f} degrees against the fixed one): the affine alignment starts "
+                      "from that turn", RuntimeWarning, stacklevel=2)
     if aligned.head_side is not None:
         warnings.warn(f"the {aligned.head_side} image shows a head (skull, scalp) around a brain that the other shows "
                       "skull-stripped: aligning and registering the brains only (the other's outline masks it)",
@@ -181,10 +191,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
 
     spacing = record.get("spacing_mm", NO_MODEL_FACTOR * WORKING_SPACING_MM)
     factor = level_factor(spacing)
-    anatomy = working.anatomy if working is not None else None
     rebuild = working is None or working.spacing_mm != spacing
     if rebuild and anatomy is None:
-        clock("orientation")
         anatomy = AnatomyOrientation().execute(fixed)
     clock("resample")
     if rebuild:
@@ -274,7 +282,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         **({"same_head": same_head} if same_head is not None else {}),
         **({"intensity_correlation": round(correlation, 3)} if correlation is not None else {}),
         **({"head_masked": aligned.head_side} if aligned.head_side is not None else {}),
-        **({"orientation": anatomy.as_report()} if anatomy is not None else {}),
+        **({"orientation": (orientations or PairOrientation(anatomy)).as_report()} if anatomy is not None else {}),
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
         "working_grid": {"size": list(grid.GetSize()), "spacing_mm": list(grid.GetSpacing()),
                          "origin_lps": list(grid.GetOrigin()), "direction_lps": list(grid.GetDirection())},

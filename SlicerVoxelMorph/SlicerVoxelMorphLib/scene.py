@@ -210,8 +210,8 @@ REFINE_REASONS = {
 # Stages the engine reports through ``progress(stage, fraction)``, with a rough share of the run time.
 STAGES = {
     "check": ("Checking inputs", 1),
+    "orientation": ("Finding the brains' orientation", 4),
     "affine": ("Affine pre-alignment", 12),
-    "orientation": ("Finding the brain's orientation", 4),
     "resample": ("Resampling to the working grid", 3),
     "network": ("Running the network", 6),
     "refine": ("Refining (instance optimisation)", 60),
