@@ -300,6 +300,9 @@ def test_dice_table_rows_follow_the_report():
         {**report, "orientation": {"header_matches_anatomy": True}})
     assert "header does not give its anatomy's directions right" in scene.summary_text(
         {**report, "orientation": {"header_matches_anatomy": False}})
+    assert "headers disagree" not in scene.summary_text({**report, "orientation": {"moving_turn_lps": None}})
+    assert "headers disagree" in scene.summary_text(
+        {**report, "orientation": {"header_matches_anatomy": True, "moving_turn_lps": np.diag([-1, -1, 1]).tolist()}})
 
 
 def test_labels_are_paired_by_value_or_by_name():

@@ -185,9 +185,13 @@ def summary_text(report: dict) -> str:
         parts.append(f"folding {report['folding_percent']:.3f} %")
     if report.get("head_masked"):
         parts.append(f"the {report['head_masked']} volume's skull and scalp were masked by the other's brain outline")
-    if report.get("orientation", {}).get("header_matches_anatomy") is False:
+    orientation = report.get("orientation", {})
+    if orientation.get("header_matches_anatomy") is False:
         parts.append("the fixed volume's header does not give its anatomy's directions right (the network saw the "
                      "brain the right way round)")
+    if orientation.get("moving_turn_lps") is not None:
+        parts.append("the two volumes' headers disagree about the anatomy's directions (aligned from the turn the "
+                     "brains show)")
     if report.get("auto_refined"):
         parts.append(REFINE_REASONS.get(report.get("auto_refine_reason"), REFINE_REASONS[NO_BETTER]))
     return "; ".join(parts)
