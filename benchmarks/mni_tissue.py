@@ -36,7 +36,7 @@ from SlicerVoxelMorphLib.register import register
 TISSUES = {1: "CSF", 2: "grey matter", 3: "white matter"}
 BRAIN_LEVEL = 0.05  # template intensity (scaled to [0, 1]) above which a voxel is brain, as in make demo
 FIELDS = ["model", "subject", *[f"dice_{name}" for name in TISSUES.values()], "mean_grey_white", "folding_percent",
-          "seconds"]
+          "seconds", "refined"]
 
 
 def template(folder: Path) -> tuple[sitk.Image, sitk.Image]:
@@ -83,26 +83,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.headers == "right":
             moving, moving_labels = right_header(moving), right_header(moving_labels)
         for name, model in models.items():
-            start = time.perf_counter()
+            start, refined = time.perf_counter(), False
             if model == ANTS:
                 warped, folding = syn(fixed, moving, moving_labels, fixed_labels)
             else:
                 result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, model=model,
                                   device="cpu", auto_refine=args.auto_refine, accurate=args.accurate)
                 warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
+                refined = bool(result.report.get("auto_refined"))
             seconds = time.perf_counter() - start
             dice = metrics.dice(sitk.GetArrayViewFromImage(fixed_labels), warped, ids)
             rows.append({"model": name, "subject": subject,
                          **{f"dice_{TISSUES[n]}": round(dice[n], 4) for n in ids},
                          "mean_grey_white": round((dice[2] + dice[3]) / 2, 4),
-                         "folding_percent": round(folding, 4), "seconds": round(seconds, 1)})
+                         "folding_percent": round(folding, 4), "seconds": round(seconds, 1), "refined": refined})
             print(f"{subject} {name}: grey {dice[2]:.3f}, white {dice[3]:.3f}, {seconds:.1f} s", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "mni_tissue.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    columns = [f"dice_{name}" for name in TISSUES.values()] + ["mean_grey_white", "folding_percent", "seconds"]
+    columns = [f"dice_{name}" for name in TISSUES.values()] + ["mean_grey_white", "folding_percent", "seconds",
+                                                               "refined"]
     preset = "accurate preset" if args.accurate else "network only"
     lines = [f"# LPBA40 {', '.join(subjects)} -> MNI152 template, subjects' headers {args.headers}, {preset}, "
              f"safety net {'on' if args.auto_refine else 'off'}",
