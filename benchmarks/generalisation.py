@@ -117,6 +117,15 @@ def syn(fixed: sitk.Image, moving: sitk.Image, moving_labels: sitk.Image,
     return warped, metrics.folding_percent(det, sitk.GetArrayViewFromImage(fixed_labels) > 0)
 
 
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """The rows as a CSV file (its folder made when missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options these benchmarks share: data, models, subjects, presets, threads, output."""
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -198,11 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                              "intensity_correlation": report.get("intensity_correlation"),
                              "head_masked": report.get("head_masked")})
                 print(f"{subject} {kind:12s} {name}: Dice {dice:.3f}, {seconds:.1f} s", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "generalisation.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "generalisation.csv", FIELDS, rows)
     header = "| variant | " + " | ".join(models) + " |"
     target = "the next subject" if args.scan_to_scan else ATLAS
     lines = [f"# Generalisation: LPBA40 {', '.join(subjects)} -> {target}, refine {args.refine}, "

@@ -13,7 +13,6 @@ Writes mni_tissue.md and .csv to --out.
 """
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SlicerVoxelMorph"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generalisation import ANTS, add_common_arguments, common_settings, right_header, syn, tissue_labels
+from generalisation import ANTS, add_common_arguments, common_settings, right_header, syn, tissue_labels, write_csv
 from lpba40 import find_subject
 
 from SlicerVoxelMorphLib import metrics
@@ -98,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                          "mean_grey_white": round((dice[2] + dice[3]) / 2, 4),
                          "folding_percent": round(folding, 4), "seconds": round(seconds, 1), "refined": refined})
             print(f"{subject} {name}: grey {dice[2]:.3f}, white {dice[3]:.3f}, {seconds:.1f} s", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "mni_tissue.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "mni_tissue.csv", FIELDS, rows)
     columns = [f"dice_{name}" for name in TISSUES.values()] + ["mean_grey_white", "folding_percent", "seconds",
                                                                "refined"]
     preset = "accurate preset" if args.accurate else "network only"
