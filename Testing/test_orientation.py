@@ -8,17 +8,10 @@ from scipy.ndimage import gaussian_filter
 
 from conftest import SHARED, phantom, to_image
 from SlicerVoxelMorphLib.orientation import ROTATIONS, AnatomyOrientation
+from SlicerVoxelMorphLib.orientation import turned_header as turned
 from SlicerVoxelMorphLib.preprocess import NETWORK_AXES, grid_for, prepare
 
 nilearn = pytest.importorskip("nilearn.datasets")
-
-
-def turned(image: sitk.Image, rotation: np.ndarray) -> sitk.Image:
-    """The same voxels under a header turned so that the anatomy now lies along ``rotation`` (LPS columns)."""
-    out = sitk.Image(image)
-    out.SetDirection((rotation @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
-    out.SetOrigin((rotation @ np.array(image.GetOrigin())).tolist())
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lpba40 import ATLAS, DEFAULT_DATA, ants_syn, default_subjects, find_file, find_subject
 
 from SlicerVoxelMorphLib import metrics, variants
+from SlicerVoxelMorphLib.orientation import turned_header
 from SlicerVoxelMorphLib.preprocess import normalise
 from SlicerVoxelMorphLib.register import register
 from SlicerVoxelMorphLib.synth import TISSUE_LABELS, csf_of, make_subject, tissue_map
@@ -65,10 +66,7 @@ LPBA40_ANATOMY = np.diag([-1.0, -1.0, 1.0])
 def right_header(image: sitk.Image) -> sitk.Image:
     """An LPBA40 image (or label map) under a header that tells its anatomy right: the same voxels, the
     directions (and origin) turned by LPBA40_ANATOMY^T, as a file of another dataset would store the brain."""
-    out = sitk.Image(image)
-    out.SetDirection((LPBA40_ANATOMY.T @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
-    out.SetOrigin((LPBA40_ANATOMY.T @ np.array(image.GetOrigin())).tolist())
-    return out
+    return turned_header(image, LPBA40_ANATOMY.T)
 
 
 def aged_subject(image: sitk.Image, labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:

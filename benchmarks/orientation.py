@@ -58,13 +58,6 @@ def anatomy_from_labels(labels: sitk.Image, names: dict[int, str]) -> np.ndarray
     return snapped
 
 
-def right_header(image: sitk.Image, rotation: np.ndarray) -> sitk.Image:
-    """The same voxels under a header that tells their anatomy right (directions turned by rotation^T)."""
-    out = sitk.Image(image)
-    out.SetDirection((rotation.T @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             cases[kind] = variant
         for kind, case in cases.items():
             for header, shown, expected in (("stored", case, stored),
-                                            ("right", right_header(case, stored), np.eye(3))):
+                                            ("right", orientation.turned_header(case, stored.T), np.eye(3))):
                 start = time.perf_counter()
                 found = finder.execute(shown)
                 seconds = time.perf_counter() - start

@@ -83,13 +83,13 @@ def centroid(view: sitk.Image, level: float = 0.1) -> np.ndarray:
     return np.array(view.TransformContinuousIndexToPhysicalPoint(index))
 
 
-def rotated(view: sitk.Image, rotation: np.ndarray, centre: np.ndarray) -> sitk.Image:
-    """The view with its header turned by ``rotation``^T about ``centre`` (same voxels): what lay along
-    ``rotation`` @ e now lies along e."""
-    axes = np.array(view.GetDirection()).reshape(3, 3)
-    out = sitk.Image(view)
-    out.SetDirection((rotation.T @ axes).flatten().tolist())
-    out.SetOrigin((centre + rotation.T @ (np.array(view.GetOrigin()) - centre)).tolist())
+def turned_header(image: sitk.Image, rotation: np.ndarray, centre: np.ndarray | None = None) -> sitk.Image:
+    """The same voxels under a header turned by ``rotation`` about ``centre`` (LPS mm; the world origin when None):
+    what lay along e now lies along ``rotation`` @ e."""
+    pivot = np.zeros(3) if centre is None else np.asarray(centre, dtype=float)
+    out = sitk.Image(image)
+    out.SetDirection((rotation @ np.array(image.GetDirection()).reshape(3, 3)).flatten().tolist())
+    out.SetOrigin((pivot + rotation @ (np.array(image.GetOrigin()) - pivot)).tolist())
     return out
 
 
@@ -158,7 +158,7 @@ class AnatomyOrientation:
             transform.SetTranslation((centre - template_centre).tolist())
             return transform
 
-        views = [rotated(view, rotation, centre) for rotation in ROTATIONS]
+        views = [turned_header(view, rotation.T, centre) for rotation in ROTATIONS]  # each anatomy brought home
         shift = sitk.TranslationTransform(3, (centre - template_centre).tolist())
         fixed = sitk.GetArrayViewFromImage(template)
         unregistered = [mutual_information(fixed, sitk.GetArrayFromImage(
@@ -209,7 +209,7 @@ def confirmed(turn: np.ndarray, fixed: sitk.Image, moving: sitk.Image) -> bool:
     method.SetMetricSamplingStrategy(method.NONE)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetInitialTransform(sitk.TranslationTransform(3, (centre - target_centre).tolist()))
-    header, turned = (-method.MetricEvaluate(target, rotated(source, rotation, centre))
+    header, turned = (-method.MetricEvaluate(target, turned_header(source, rotation.T, centre))
                       for rotation in (np.eye(3), turn))
     return turned >= CONFIDENCE * header
 
