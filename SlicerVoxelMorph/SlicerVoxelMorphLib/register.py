@@ -140,6 +140,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     with ``auto_refine`` the network's result is refined with SAME_HEAD when the pair looks like two scans of one
     head, with ACCURATE when its contrasts differ, with RESCUE when it does not improve on the affine alignment
     (a warning says so).
+    The working grid's axes follow the fixed brain's anatomy whatever its header says, and when the two headers
+    disagree about where the anatomy lies the affine starts from the turn between them (``orientation``).
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
