@@ -112,6 +112,31 @@ def test_a_moving_brain_whose_header_is_turned_against_the_fixed_ones_is_aligned
     assert dice["turned"] > 0.9 and dice["turned"] == pytest.approx(dice["agreeing"], abs=0.01), dice
 
 
+def test_training_sees_a_brain_the_same_way_round_whatever_its_header_says(brain, tmp_path):
+    """One path: the training grid follows the first image's anatomy as registration's does, so the network is
+    shown the same voxels for training data stored under a right and under a turned header."""
+    import torch
+
+    from SlicerVoxelMorphLib.train import TrainConfig, Trainer
+
+    labels = quadrant_labels(brain)
+    seen = {}
+    for name, rotation in (("right", np.eye(3)), ("turned", ROTATIONS[3])):
+        folder = tmp_path / name
+        folder.mkdir()
+        paths = []
+        for n, (image, label_map) in enumerate(((brain, labels), (brain * 0.9, labels))):
+            paths.append((str(folder / f"s{n}.nii.gz"), str(folder / f"s{n}_labels.nii.gz")))
+            sitk.WriteImage(turned(image, rotation), paths[-1][0])
+            sitk.WriteImage(turned(label_map, rotation), paths[-1][1])
+        config = TrainConfig(images=[p[0] for p in paths], labels=[p[1] for p in paths], iterations=1)
+        trainer = Trainer(config, folder / "run", torch.device("cpu"))
+        np.testing.assert_array_equal(np.array(trainer.grid.GetDirection()).reshape(3, 3), rotation @ NETWORK_AXES)
+        seen[name] = trainer.train_subjects[0]
+    torch.testing.assert_close(seen["turned"].image, seen["right"].image, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(seen["turned"].labels, seen["right"].labels)
+
+
 def _centre(image: sitk.Image, labels: np.ndarray, ids: list[int]) -> np.ndarray:
     """World centre (LPS mm) of the voxels carrying ``ids``."""
     k, j, i = np.nonzero(np.isin(labels, ids))
