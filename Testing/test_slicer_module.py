@@ -172,6 +172,20 @@ def test_cmake_installs_every_engine_file_and_resource():
         assert int.from_bytes(header[16:20], "big") == int.from_bytes(header[20:24], "big") == 128
 
 
+def test_every_bundled_file_is_installed_by_cmake_and_by_pip():
+    """The models and the orientation template reach Slicer (CMake resources) and a pip install (package data)."""
+    import fnmatch
+    import tomllib
+
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    bundled = [p for p in (MODULE_DIR / "SlicerVoxelMorphLib" / "bundled").iterdir() if p.suffix != ".md"]
+    assert {p.name for p in bundled} >= {"synth.pt", "lpba40.pt", "orientation_template.nii.gz"}
+    for path in bundled:
+        assert f"SlicerVoxelMorphLib/bundled/{path.name}" in cmake
+        assert any(fnmatch.fnmatch(f"bundled/{path.name}", pattern) for pattern in patterns["SlicerVoxelMorphLib"])
+
+
 # --- scene helpers -----------------------------------------------------------------------------------------
 
 
