@@ -15,7 +15,7 @@ Settings, then ``execute``, as SimpleITK's filters.
 
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,15 @@ def mutual_information(a: np.ndarray, b: np.ndarray, bins: int = 24) -> float:
     return float((p[seen] * np.log(p[seen] / independent[seen])).sum())
 
 
+def _mutual_information_method() -> sitk.ImageRegistrationMethod:
+    """Mattes mutual information (24 bins) over every voxel of a coarse view, linear interpolation."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=24)
+    method.SetMetricSamplingStrategy(method.NONE)
+    method.SetInterpolator(sitk.sitkLinear)
+    return method
+
+
 def read_template() -> sitk.Image:
     """The bundled template view (stored as uint8) as float32 in [0, 1]."""
     return sitk.Cast(sitk.Cast(sitk.ReadImage(str(TEMPLATE)), sitk.sitkFloat32) / 255.0, sitk.sitkFloat32)
@@ -117,6 +126,7 @@ class Orientation:
     match: float  # mutual information of the template with the image in that orientation
     header_match: float  # ... in the orientation its header gives
     runner_up: float  # the best match of the other rotations registered (the header's, unless it won)
+    view: sitk.Image | None = field(default=None, repr=False)  # the ``coarse_view`` it was judged on
 
     @property
     def header_is_right(self) -> bool:
@@ -145,10 +155,7 @@ class AnatomyOrientation:
         template = read_template()
         view = coarse_view(image)
         centre, template_centre = centroid(view), centroid(template)
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=24)
-        method.SetMetricSamplingStrategy(method.NONE)
-        method.SetInterpolator(sitk.sitkLinear)
+        method = _mutual_information_method()
         method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=0.01,
                                                         numberOfIterations=self.iterations)
         method.SetOptimizerScalesFromPhysicalShift()
@@ -174,7 +181,7 @@ class AnatomyOrientation:
         if matches[best] < max(MIN_MATCH, self.confidence * max(value for n, value in matches.items() if n != best)):
             best = 0  # no brain, or no clear winner: the header stands
         runner_up = max(value for n, value in matches.items() if n != best)
-        return Orientation(ROTATIONS[best], matches[best], matches[0], runner_up)
+        return Orientation(ROTATIONS[best], matches[best], matches[0], runner_up, view)
 
 
 @dataclass
@@ -197,18 +204,14 @@ class PairOrientation:
                 "moving_turn_lps": None if self.turn is None else self.turn.tolist()}
 
 
-def confirmed(turn: np.ndarray, fixed: sitk.Image, moving: sitk.Image) -> bool:
-    """Whether the moving image matches the fixed one CONFIDENCE times better turned by ``turn`` than as its header
-    has it (coarse views, centres aligned, Mattes mutual information): the two template judgements agree with what
-    the images show of each other (phantoms, heads, non-brains can fool them). Unregistered: a short registration
-    of two coarse views can drift (a 30 mm phantom against its own head: from the header 0.41 -> 0.40, turned
-    0.26 -> 0.47)."""
-    target, source = coarse_view(fixed), coarse_view(moving)
+def confirmed(turn: np.ndarray, target: sitk.Image, source: sitk.Image) -> bool:
+    """Whether the moving image's coarse view ``source`` matches the fixed one's ``target`` CONFIDENCE times
+    better turned by ``turn`` than as its header has it (centres aligned, Mattes mutual information): the two
+    template judgements agree with what the images show of each other (phantoms, heads, non-brains can fool
+    them). Unregistered: a short registration of two coarse views can drift (a 30 mm phantom against its own
+    head: from the header 0.41 -> 0.40, turned 0.26 -> 0.47)."""
     target_centre, centre = centroid(target), centroid(source)
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=24)
-    method.SetMetricSamplingStrategy(method.NONE)
-    method.SetInterpolator(sitk.sitkLinear)
+    method = _mutual_information_method()
     method.SetInitialTransform(sitk.TranslationTransform(3, (centre - target_centre).tolist()))
     header, turned = (-method.MetricEvaluate(target, turned_header(source, rotation.T, centre))
                       for rotation in (np.eye(3), turn))
@@ -224,6 +227,6 @@ def pair_orientations(fixed: sitk.Image, moving: sitk.Image, both: bool = True) 
         moving_orientation = pool.submit(AnatomyOrientation().execute, moving)
         pair = PairOrientation(AnatomyOrientation().execute(fixed), moving_orientation.result())
     turn = pair.moving.rotation @ pair.fixed.rotation.T
-    if not np.allclose(turn, np.eye(3)) and confirmed(turn, fixed, moving):
+    if not np.allclose(turn, np.eye(3)) and confirmed(turn, pair.fixed.view, pair.moving.view):
         pair.turn = turn
     return pair

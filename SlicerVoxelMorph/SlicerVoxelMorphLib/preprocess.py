@@ -219,10 +219,10 @@ def align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float]
           fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None, affine: bool = True,
           transform: sitk.Transform | None = None, orientations: "PairOrientation | None" = None) -> Alignment:
     """``affine_align`` (starting from ``orientations.turn``; identity without ``affine``; ``transform`` when one is
-    given; ``orientations`` are kept with it), with
-    brain outlines when one image shows a head and the other a skull-stripped brain and no mask is given: the brain's
-    foreground masks the affine metric (else the brain is stretched onto the head) and, mapped through the affine, masks
-    the head image's skull and scalp for the network and the refinement."""
+    given; ``orientations`` are kept with it), with brain outlines when one image shows a head and the other a
+    skull-stripped brain and no mask is given: the brain's foreground masks the affine metric (else the brain is
+    stretched onto the head) and, mapped through the affine, masks the head image's skull and scalp for the network
+    and the refinement."""
     side = head_side(fixed, moving) if fixed_mask is None and moving_mask is None else None
     if side == "moving":
         fixed_mask = _mask_image(object_mask(fixed), fixed)
@@ -261,7 +261,7 @@ def affine_align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str,
     Both images are normalised, shrunk (up to 4x: 2x bin averaging, 2 mm Gaussian, bin averaging
     again) and registered at that one level: moments initialisation (moments of raw CT or z-scored MR
     intensities mean nothing; the centres matched, and the matrix ``turn`` when given: the rotation between
-    two headers that disagree about the anatomy, ``orientation.turn_between``), then Mattes mutual information
+    two headers that disagree about the anatomy, ``orientation.PairOrientation.turn``), then Mattes mutual information
     on a regular quarter of the voxels (fixed seed: deterministic), regular-step gradient descent with
     physical-shift scales. Masks stay on their full grids (the metric tests points in physical space).
     """

@@ -528,10 +528,8 @@ class Trainer:
 
 MAX_LABEL_BYTES = 4e9  # one-hot label maps of all subjects, uint8 at the training spacing
 LOG_COLUMNS = ["iteration", "seconds", "synthetic", "rescan", "loss", "ncc", "smooth", "dice", "field", "tissue",
-               "val_dice",
-               "val_worst",
-               *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent", "val_head_epe_mm",
-               "val_tissue_dice"]
+               "val_dice", "val_worst", *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent",
+               "val_head_epe_mm", "val_tissue_dice"]
 HEAD_FIELD_MM = 6.0  # largest displacement inside the head of the whole-head validation proxy
 RESUMABLE_CHANGES = {"iterations", "val_every", "checkpoint_every"}  # settings a resumed run may change
 
