@@ -220,6 +220,9 @@ def test_the_tissue_weight_scores_the_tissue_classes_beside_the_structures_witho
             assert tissues.sum(1).max() <= 1 + rounding  # the tissue fractions of a voxel add up to one at most
             assert (tissues.sum(1)[b[side].sum(1) > 0.99] > 0.99 - rounding).all()  # structure voxels have tissue
     assert kinds == {"real", "synthetic"}
+    # tissue maps are built only for a tissue loss
+    assert all(s.soft_tissues is not None for s in with_tissue.train_subjects)
+    assert all(s.soft_tissues is None for s in without.train_subjects)
     # the tissue overlap is logged beside the structures' and enters the loss with its weight
     terms = with_tissue.step(with_tissue.sample(0))
     assert 0 < terms["tissue"] <= 1 and 0 < terms["dice"] <= 1

@@ -83,9 +83,10 @@ class Subject:
 
 
 def load_subject(image_path: str, label_path: str | None, label_set: list[int], grid: sitk.Image, factor: int,
-                 for_synthesis: bool = False) -> tuple[Subject, SynthSubject | None]:
+                 for_synthesis: bool = False, tissues: bool = False) -> tuple[Subject, SynthSubject | None]:
     """Read and check one subject and put it through ``prepare`` on the training grid (as registration
-    does), downsampled to the network level; with ``for_synthesis`` also its synthesis label map."""
+    does), downsampled to the network level; with ``for_synthesis`` also its synthesis label map, and with
+    ``tissues`` as well the soft maps of its tissue classes (``synth.tissue_map``) for a tissue loss."""
     image = check_image(read_image(image_path, "training image"), f"training image {image_path}")
     name = Path(image_path).name.split(".")[0]
     small = downsample(torch.from_numpy(prepare(image, grid))[None, None], factor)
@@ -97,8 +98,9 @@ def load_subject(image_path: str, label_path: str | None, label_set: list[int], 
         soft = _soft_maps(labels, label_set, factor)
         if for_synthesis:
             synthetic = make_subject(name, resample(image, grid), on_grid, label_set)
-            tissues = tissue_map(synthetic.generation.long())[0, 0].numpy()
-            soft_tissues = _soft_maps(tissues, list(range(1, TISSUE_LABELS + 1)), factor)
+            if tissues:
+                classes = tissue_map(synthetic.generation.long())[0, 0].numpy()
+                soft_tissues = _soft_maps(classes, list(range(1, TISSUE_LABELS + 1)), factor)
     return Subject(name, small.contiguous(), soft, soft_tissues, labels), synthetic
 
 
@@ -213,7 +215,7 @@ class Trainer:
             for n, path in enumerate(paths):
                 label = label_paths[n] if label_paths else None
                 subject, generation = load_subject(path, label, self.label_set, self.grid, self.factor,
-                                                   for_synthesis=label is not None)
+                                                   for_synthesis=label is not None, tissues=c.tissue_weight > 0)
                 subjects.append(subject)
                 if generation is not None:
                     synthetic.append(generation)
