@@ -14,7 +14,8 @@ def test_save_and_load_round_trip(tmp_path):
     path = tmp_path / "m.pt"
     digest = save_model(path, net, 2.0, {"name": "test", "training": {"iterations": 3}})
     record = torch.load(path, weights_only=True)  # plain tensors and containers only
-    assert record["sha256"] == digest and record["config"] == {"features": "vm1", "half_res": False, "int_steps": 5}
+    assert record["sha256"] == digest and record["config"] == {"features": "vm1", "half_res": False, "int_steps": 5,
+                                                                 "residual_stage": False}
     assert record["spacing_mm"] == 2.0 and "torch" in record["versions"]
     loaded, _ = load_model(path)
     x, y = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
@@ -46,6 +47,55 @@ def test_network_output_shapes(features, half_res):
     assert warped.shape == x.shape and flow.shape == (1, 3, 32, 16, 48)
     assert velocity.shape[2:] == ((16, 8, 24) if half_res else (32, 16, 48))
     assert flow.abs().max() < 1e-2  # the flow head starts near zero, as in voxelmorph
+
+
+def _residual_net() -> VxmDense:
+    """A residual-stage network whose first stage predicts a constant velocity of one voxel along the last
+    axis (two voxels of displacement at full resolution) and whose residual head predicts nothing."""
+    torch.manual_seed(0)
+    net = VxmDense("vm1", half_res=True, int_steps=5, residual_stage=True)
+    with torch.no_grad():
+        for head in (net.flow, net.residual_flow):
+            head.weight.zero_()
+            head.bias.zero_()
+        net.flow.bias[2] = 1.0
+    return net
+
+
+def test_a_residual_stage_sees_the_image_warped_by_the_first_and_adds_its_velocity():
+    net = _residual_net()
+    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    seen = []
+    net.residual_unet.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        velocity = net.velocity(moving, fixed)
+        # first stage alone: a constant 1 voxel at half resolution
+        torch.testing.assert_close(velocity, torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 16, 16, 16))
+        # the residual UNet's input: the moving image shifted by two voxels along the last axis, then the fixed
+        warped, given_fixed = seen[0][:, :1], seen[0][:, 1:]
+        torch.testing.assert_close(given_fixed, fixed)
+        torch.testing.assert_close(warped[..., 4:-4, 4:-4, 4:-6], moving[..., 4:-4, 4:-4, 6:-4])
+        net.residual_flow.bias.copy_(torch.tensor([0.25, -0.5, 0.0]))
+        torch.testing.assert_close(net.velocity(moving, fixed)[0, :, 5, 6, 7], torch.tensor([0.25, -0.5, 1.0]))
+
+
+def test_a_residual_model_round_trips_and_old_model_files_load_as_single_stage(tmp_path):
+    net = _residual_net()
+    save_model(tmp_path / "r.pt", net, 2.0, {"name": "r"})
+    loaded, record = load_model(tmp_path / "r.pt")
+    assert record["config"]["residual_stage"] and loaded.config == net.config
+    x, y = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.velocity(x, y), net.eval().velocity(x, y))
+    record = torch.load(tmp_path / "r.pt", weights_only=True)  # a file written before residual stages existed
+    single = VxmDense("vm1", int_steps=5)
+    record["config"] = {"features": "vm1", "half_res": True, "int_steps": 5}
+    record["state_dict"] = single.state_dict()
+    record["sha256"] = content_hash(record["state_dict"], {k: record[k] for k in ("config", "spacing_mm",
+                                                                                  "normalisation")})
+    torch.save(record, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    assert not old.config["residual_stage"] and not hasattr(old, "residual_unet")
 
 
 def test_bundled_model_when_present_is_valid():

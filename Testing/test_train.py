@@ -232,3 +232,34 @@ def test_the_tissue_weight_scores_the_tissue_classes_beside_the_structures_witho
     assert set(map(int, with_tissue.val_tissues["S3"].ravel())) == set(range(TISSUE_LABELS + 1))
     scores = with_tissue.validate()
     assert 0 < scores["val_tissue_dice"] <= 1
+
+
+def test_a_residual_stage_starts_as_its_init_model_and_trains_only_itself(tmp_path, capsys):
+    from SlicerVoxelMorphLib.train import TrainConfig, Trainer
+
+    images, labels = _dataset(tmp_path)
+    _train(images, labels, tmp_path / "base")
+    code = main(["train", "--images", str(images), "--labels", str(labels), "--residual-stage", "--quiet",
+                 "--out", str(tmp_path / "alone")])
+    assert code == 2 and "--init-model" in capsys.readouterr().err
+    base, _ = load_model(tmp_path / "base" / "model.pt")
+    grow = ("--residual-stage", "--init-model", str(tmp_path / "base" / "model.pt"))
+    _train(images, labels, tmp_path / "cascade", *grow, "--chunk", "3")
+    halfway = torch.load(tmp_path / "cascade" / "checkpoint.pt", weights_only=True)["net"]
+    _train(images, labels, tmp_path / "cascade", *grow, "--resume")
+    cascade, record = load_model(tmp_path / "cascade" / "model.pt")
+    assert record["config"]["residual_stage"] and record["training"]["config"]["residual_stage"]
+    trained = cascade.state_dict()
+    for name, value in base.state_dict().items():  # the first stage is the init model's, untouched, resumed or not
+        torch.testing.assert_close(trained[name], value, msg=name)
+        torch.testing.assert_close(halfway[name], value, msg=name)
+    residual = [name for name in trained if name.startswith("residual_")]
+    assert residual and any(not torch.equal(trained[name], halfway[name]) for name in residual)
+    config = TrainConfig(images=sorted(str(p) for p in images.iterdir()),
+                         labels=sorted(str(p) for p in labels.iterdir()), init_model=grow[2], residual_stage=True)
+    grown = Trainer(config, tmp_path / "fresh", torch.device("cpu")).net
+    for name, value in base.unet.state_dict().items():  # the residual UNet starts as a copy of the first stage's
+        torch.testing.assert_close(grown.residual_unet.state_dict()[name], value, msg=name)
+    x, y = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():  # with its near-zero residual head the pair starts as the init model
+        torch.testing.assert_close(grown.eval().velocity(x, y), base.velocity(x, y), atol=1e-3, rtol=0)

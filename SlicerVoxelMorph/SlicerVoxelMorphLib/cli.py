@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the label overlap of the brain's tissue classes (CSF in and outside the labelled "
                         "structures, grey and white matter, from each image's intensities) on every pair (default 0)")
     t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
+    t.add_argument("--residual-stage", action="store_true", default=None,
+                   help="add a second network that refines the --init-model's field from the image it warps, "
+                        "training only the new stage (inference runs both, about twice the network time)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")
     t.add_argument("--seed", type=int, help="random seed (default 0)")

@@ -71,26 +71,39 @@ class Unet(nn.Module):
 class VxmDense(nn.Module):
     """VoxelMorph dense registration network (Balakrishnan et al. 2019, Dalca et al. 2019).
 
+    With ``residual_stage`` a second UNet sees the moving image warped by the first stage's field and
+    predicts a correction; the two velocities add, so the result is still one stationary velocity field.
     Input shapes must be multiples of 16. ``forward`` returns the warped moving image, the
     displacement field (voxels, full resolution) and the velocity field (at the flow resolution).
     """
 
-    def __init__(self, features: str = "vm2", half_res: bool = True, int_steps: int = 7) -> None:
+    def __init__(self, features: str = "vm2", half_res: bool = True, int_steps: int = 7,
+                 residual_stage: bool = False) -> None:
         super().__init__()
         if features not in FEATURES:
             raise ValueError(f"features must be one of {sorted(FEATURES)}, not {features!r}")
         enc_nf, dec_nf = FEATURES[features]
-        self.config = {"features": features, "half_res": half_res, "int_steps": int_steps}
+        self.config = {"features": features, "half_res": half_res, "int_steps": int_steps,
+                       "residual_stage": residual_stage}
         self.unet = Unet(2, enc_nf, dec_nf, half_res=half_res)
-        self.flow = nn.Conv3d(self.unet.out_channels, 3, 3, padding=1)
-        nn.init.normal_(self.flow.weight, 0.0, 1e-5)
-        nn.init.zeros_(self.flow.bias)
+        self.flow = flow_head(self.unet.out_channels)
+        if residual_stage:
+            self.residual_unet = Unet(2, enc_nf, dec_nf, half_res=half_res)
+            self.residual_flow = flow_head(self.residual_unet.out_channels)
         self.integrate = VecInt(int_steps)
         self.transformer = SpatialTransformer()
 
+    def first_stage(self) -> list[nn.Module]:
+        """The modules of the first stage (frozen while a residual stage is trained)."""
+        return [self.unet, self.flow]
+
     def velocity(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Velocity field in voxels of its own grid (half the input size with ``half_res``)."""
-        return self.flow(self.unet(torch.cat([moving, fixed], dim=1)))
+        velocity = self.flow(self.unet(torch.cat([moving, fixed], dim=1)))
+        if self.config["residual_stage"]:
+            warped = self.transformer(moving, self.displacement(velocity, tuple(fixed.shape[2:])))
+            velocity = velocity + self.residual_flow(self.residual_unet(torch.cat([warped, fixed], dim=1)))
+        return velocity
 
     def displacement(self, velocity: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         """Integrate a velocity field and resize it to ``size`` (voxels of that grid)."""
@@ -100,3 +113,11 @@ class VxmDense(nn.Module):
         velocity = self.velocity(moving, fixed)
         flow = self.displacement(velocity, tuple(fixed.shape[2:]))
         return self.transformer(moving, flow), flow, velocity
+
+
+def flow_head(channels: int) -> nn.Conv3d:
+    """3x3x3 convolution to three velocity components, initialised near zero as in voxelmorph."""
+    head = nn.Conv3d(channels, 3, 3, padding=1)
+    nn.init.normal_(head.weight, 0.0, 1e-5)
+    nn.init.zeros_(head.bias)
+    return head
