@@ -87,6 +87,9 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
         "## Architecture",
         f"VoxelMorph UNet `{c['features']}`, half-resolution flow head: {c['half_res']}, "
         f"scaling and squaring with {c['int_steps']} steps (diffeomorphic).",
+        *([f"Two stages (`train --residual-stage`): the first is the frozen `--init-model` ({c['init_model']}); "
+           "the second, the same UNet, sees the moving image warped by the first stage's field and adds a velocity "
+           "correction, so the result is still one stationary velocity field."] if c.get("residual_stage") else []),
         "",
         "## Training",
         *([f"- {c['synth_fraction']:.0%} of iterations on pairs synthesised from the label maps "
@@ -94,7 +97,10 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
            SYNTHESIS,
            *([KNOWN_PAIRS.format(share=c["known_fraction"], weight=c["field_weight"])]
              if c.get("known_fraction") else []),
-           f"- warm start: {c['init_model']}",
+           *([f"- in {c['csf_expansion']:.0%} of the synthesised label maps tissue pushed away from the CSF by a "
+              "random amount (wider ventricles and sulci, as in older brains)"] if c.get("csf_expansion") else []),
+           (f"- first stage, and the start of the second: {c['init_model']}; only the second stage trains"
+            if c.get("residual_stage") else f"- warm start: {c['init_model']}"),
            f"- the other {1 - c['synth_fraction']:.0%}: real pairs as below"]
           if c.get("synth_fraction") else []),
         ("- pairs: all to the atlas" if c["mode"] == "atlas" else
@@ -102,6 +108,9 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
          "- pairs: scan-to-scan between training subjects"),
         f"- loss: NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness of the velocity "
         f"+ {c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration",
+        *([f"- every pair, synthesised and real: + {c['tissue_weight']} x the soft Dice of the brain's tissue "
+           "classes (`synth.tissue_map`: CSF inside and outside the labelled structures, grey and white matter)"]
+          if c.get("tissue_weight") else []),
         "- augmentation: " + ("small random affine on the moving image, gamma and noise on both"
                               if c["augment"] else "none"),
         f"- Adam, learning rate {c['lr']}, batch 1, seed {c['seed']}",
