@@ -15,7 +15,7 @@ def test_save_and_load_round_trip(tmp_path):
     digest = save_model(path, net, 2.0, {"name": "test", "training": {"iterations": 3}})
     record = torch.load(path, weights_only=True)  # plain tensors and containers only
     assert record["sha256"] == digest and record["config"] == {"features": "vm1", "half_res": False, "int_steps": 5,
-                                                                 "residual_stage": False}
+                                                                 "residual_stage": False, "fine_stage": False}
     assert record["spacing_mm"] == 2.0 and "torch" in record["versions"]
     loaded, _ = load_model(path)
     x, y = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
@@ -79,6 +79,28 @@ def test_a_residual_stage_sees_the_image_warped_by_the_first_and_adds_its_veloci
         torch.testing.assert_close(net.velocity(moving, fixed)[0, :, 5, 6, 7], torch.tensor([0.25, -0.5, 1.0]))
 
 
+def test_a_fine_stage_sees_the_image_warped_by_the_others_and_refines_their_velocity_at_full_resolution():
+    net = _residual_net()
+    fine = VxmDense("vm1", half_res=True, int_steps=5, residual_stage=True, fine_stage=True)
+    fine.load_state_dict(net.state_dict(), strict=False)
+    with torch.no_grad():
+        fine.fine_flow.weight.zero_()
+        fine.fine_flow.bias.zero_()
+    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    seen = []
+    fine.fine_unet.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        velocity = fine.velocity(moving, fixed)
+        # the others' constant velocity of one half-resolution voxel is two voxels of the full grid
+        torch.testing.assert_close(velocity, torch.tensor([0.0, 0.0, 2.0]).view(1, 3, 1, 1, 1).expand(1, 3, 32, 32, 32))
+        warped, given_fixed = seen[0][:, :1], seen[0][:, 1:]
+        torch.testing.assert_close(given_fixed, fixed)
+        torch.testing.assert_close(warped[..., 4:-4, 4:-4, 4:-6], moving[..., 4:-4, 4:-4, 6:-4])
+        fine.fine_flow.bias.copy_(torch.tensor([0.5, 0.0, -0.25]))
+        torch.testing.assert_close(fine.velocity(moving, fixed)[0, :, 5, 6, 7], torch.tensor([0.5, 0.0, 1.75]))
+    assert [len(stage) for stage in fine.stages()] == [2, 2, 2] and fine.stages()[-1][0] is fine.fine_unet
+
+
 def test_a_residual_model_round_trips_and_old_model_files_load_as_single_stage(tmp_path):
     net = _residual_net()
     save_model(tmp_path / "r.pt", net, 2.0, {"name": "r"})
@@ -96,6 +118,7 @@ def test_a_residual_model_round_trips_and_old_model_files_load_as_single_stage(t
     torch.save(record, tmp_path / "old.pt")
     old, _ = load_model(tmp_path / "old.pt")
     assert not old.config["residual_stage"] and not hasattr(old, "residual_unet")
+    assert not old.config["fine_stage"] and not hasattr(old, "fine_unet")
 
 
 def test_bundled_model_when_present_is_valid():

@@ -263,3 +263,32 @@ def test_a_residual_stage_starts_as_its_init_model_and_trains_only_itself(tmp_pa
     x, y = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():  # with its near-zero residual head the pair starts as the init model
         torch.testing.assert_close(grown.eval().velocity(x, y), base.velocity(x, y), atol=1e-3, rtol=0)
+
+
+def test_a_fine_stage_grows_on_a_cascade_and_starts_as_it(tmp_path):
+    from SlicerVoxelMorphLib.layers import ResizeTransform
+    from SlicerVoxelMorphLib.train import TrainConfig, Trainer
+
+    images, labels = _dataset(tmp_path)
+    _train(images, labels, tmp_path / "base")
+    _train(images, labels, tmp_path / "cascade", "--residual-stage", "--init-model",
+           str(tmp_path / "base" / "model.pt"))
+    cascade, _ = load_model(tmp_path / "cascade" / "model.pt")
+    _train(images, labels, tmp_path / "fine", "--residual-stage", "--fine-stage", "--init-model",
+           str(tmp_path / "cascade" / "model.pt"))
+    fine, record = load_model(tmp_path / "fine" / "model.pt")
+    assert record["config"]["fine_stage"] and record["config"]["residual_stage"]
+    trained = fine.state_dict()
+    for name, value in cascade.state_dict().items():  # both earlier stages untouched
+        torch.testing.assert_close(trained[name], value, msg=name)
+    x, y = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    config = TrainConfig(images=sorted(str(p) for p in images.iterdir()),
+                         labels=sorted(str(p) for p in labels.iterdir()),
+                         init_model=str(tmp_path / "cascade" / "model.pt"), residual_stage=True, fine_stage=True)
+    start = Trainer(config, tmp_path / "fresh", torch.device("cpu")).net.eval()
+    for name, value in cascade.residual_unet.encoder.state_dict().items():  # encoder copied from the last UNet
+        torch.testing.assert_close(start.fine_unet.encoder.state_dict()[name], value, msg=name)
+    assert not torch.equal(trained["fine_flow.weight"], start.fine_flow.weight)  # and training moved it
+    with torch.no_grad():  # with its near-zero head the grown network starts as the cascade, at full resolution
+        coarse = cascade.velocity(x, y)
+        torch.testing.assert_close(start.velocity(x, y), ResizeTransform(2)(coarse, (32, 32, 32)), atol=1e-3, rtol=0)

@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--residual-stage", action="store_true", default=None,
                    help="add a second network that refines the --init-model's field from the image it warps, "
                         "training only the new stage (inference runs both, about twice the network time)")
+    t.add_argument("--fine-stage", action="store_true", default=None,
+                   help="add a last network at full resolution that refines the --init-model's field from the image "
+                        "it warps, training only the new stage (finer detail; more network time)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")
     t.add_argument("--seed", type=int, help="random seed (default 0)")

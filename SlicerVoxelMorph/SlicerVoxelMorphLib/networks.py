@@ -3,12 +3,13 @@
 import torch
 from torch import nn
 
-from .layers import SpatialTransformer, VecInt, displacement_from_velocity
+from .layers import ResizeTransform, SpatialTransformer, VecInt, displacement_from_velocity
 
 FEATURES = {
     "vm1": ([16, 32, 32, 32], [32, 32, 32, 32, 8, 8]),
     "vm2": ([16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]),
 }
+FINE_FEATURES = "vm1"  # the full-resolution stage: vm1's two 8-channel convolutions keep it cheap at full size
 
 
 class ConvBlock(nn.Module):
@@ -73,36 +74,51 @@ class VxmDense(nn.Module):
 
     With ``residual_stage`` a second UNet sees the moving image warped by the first stage's field and
     predicts a correction; the two velocities add, so the result is still one stationary velocity field.
-    Input shapes must be multiples of 16. ``forward`` returns the warped moving image, the
-    displacement field (voxels, full resolution) and the velocity field (at the flow resolution).
+    With ``fine_stage`` a last UNet at full resolution does the same after the others, whose velocity is
+    upsampled to its grid (finer detail than a half-resolution velocity can hold). Input shapes must be
+    multiples of 16. ``forward`` returns the warped moving image, the displacement field (voxels, full
+    resolution) and the velocity field (at the flow resolution).
     """
 
     def __init__(self, features: str = "vm2", half_res: bool = True, int_steps: int = 7,
-                 residual_stage: bool = False) -> None:
+                 residual_stage: bool = False, fine_stage: bool = False) -> None:
         super().__init__()
         if features not in FEATURES:
             raise ValueError(f"features must be one of {sorted(FEATURES)}, not {features!r}")
         enc_nf, dec_nf = FEATURES[features]
         self.config = {"features": features, "half_res": half_res, "int_steps": int_steps,
-                       "residual_stage": residual_stage}
+                       "residual_stage": residual_stage, "fine_stage": fine_stage}
         self.unet = Unet(2, enc_nf, dec_nf, half_res=half_res)
         self.flow = flow_head(self.unet.out_channels)
         if residual_stage:
             self.residual_unet = Unet(2, enc_nf, dec_nf, half_res=half_res)
             self.residual_flow = flow_head(self.residual_unet.out_channels)
+        if fine_stage:
+            self.fine_unet = Unet(2, *FEATURES[FINE_FEATURES], half_res=False)
+            self.fine_flow = flow_head(self.fine_unet.out_channels)
         self.integrate = VecInt(int_steps)
         self.transformer = SpatialTransformer()
 
-    def first_stage(self) -> list[nn.Module]:
-        """The modules of the first stage (frozen while a residual stage is trained)."""
-        return [self.unet, self.flow]
+    def stages(self) -> list[list[nn.Module]]:
+        """The modules of each stage, in order (all but the last are frozen while the last is trained)."""
+        stages = [[self.unet, self.flow]]
+        if self.config["residual_stage"]:
+            stages.append([self.residual_unet, self.residual_flow])
+        if self.config["fine_stage"]:
+            stages.append([self.fine_unet, self.fine_flow])
+        return stages
 
     def velocity(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        """Velocity field in voxels of its own grid (half the input size with ``half_res``)."""
+        """Velocity field in voxels of its own grid (half the input size with ``half_res`` and no fine stage)."""
+        size = tuple(fixed.shape[2:])
         velocity = self.flow(self.unet(torch.cat([moving, fixed], dim=1)))
         if self.config["residual_stage"]:
-            warped = self.transformer(moving, self.displacement(velocity, tuple(fixed.shape[2:])))
+            warped = self.transformer(moving, self.displacement(velocity, size))
             velocity = velocity + self.residual_flow(self.residual_unet(torch.cat([warped, fixed], dim=1)))
+        if self.config["fine_stage"]:
+            warped = self.transformer(moving, self.displacement(velocity, size))
+            coarse = ResizeTransform(size[0] / velocity.shape[2])(velocity, size)
+            velocity = coarse + self.fine_flow(self.fine_unet(torch.cat([warped, fixed], dim=1)))
         return velocity
 
     def displacement(self, velocity: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:

@@ -70,6 +70,7 @@ class TrainConfig:
     tissue_weight: float = 0.0  # weight of the soft Dice of the brain's tissue classes (synth.tissue_map), every pair
     init_model: str | None = None  # warm start from a model file (or 'bundled')
     residual_stage: bool = False  # train a second stage on top of the frozen --init-model (networks.VxmDense)
+    fine_stage: bool = False  # train a full-resolution last stage on top of the frozen --init-model
 
 
 @dataclass
@@ -139,11 +140,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._load_data()
         torch.manual_seed(config.seed)
-        self.net = VxmDense(config.features, config.half_res, config.int_steps, config.residual_stage)
+        self.net = VxmDense(config.features, config.half_res, config.int_steps, config.residual_stage,
+                            config.fine_stage)
         if config.init_model and warm_start:  # a resumed run takes its weights from the checkpoint
             self._warm_start(config.init_model)
-        if config.residual_stage:
-            for parameter in (p for module in self.net.first_stage() for p in module.parameters()):
+        for stage in self.net.stages()[:-1]:  # only the newest stage learns
+            for parameter in (p for module in stage for p in module.parameters()):
                 parameter.requires_grad_(False)
         self.net.to(device)
         self.synthesiser = Synthesiser(SynthSettings(expansion_probability=config.csf_expansion))
@@ -155,17 +157,22 @@ class Trainer:
         self.transformer = SpatialTransformer()
 
     def _warm_start(self, model: str) -> None:
-        """Weights of a model file; a single-stage model put under a residual stage starts it as a copy
-        of its own UNet (with a zero-initialised flow head, so the pair starts as the given model)."""
+        """Weights of a model file. A model without this run's last stage grows it: the new stage starts
+        with the weights of the model's own last UNet where their shapes agree (its flow head is
+        zero-initialised, so the grown network starts as the given model)."""
         net, record = load_model(resolve_model(model))
-        single = {**self.net.config, "residual_stage": False}
-        grows = self.net.config["residual_stage"] and net.config == single
+        newest = "fine_stage" if self.net.config["fine_stage"] else "residual_stage"
+        grows = self.net.config[newest] and net.config == {**self.net.config, newest: False}
         if (net.config != self.net.config and not grows) or record["spacing_mm"] != self.config.spacing_mm:
             raise InputError(f"--init-model {model}: its architecture {net.config} at {record['spacing_mm']} mm "
                              f"differs from this run's {self.net.config} at {self.config.spacing_mm} mm")
         self.net.load_state_dict(net.state_dict(), strict=not grows)
         if grows:
-            self.net.residual_unet.load_state_dict(net.unet.state_dict())
+            given, grown = net.stages()[-1][0].state_dict(), self.net.stages()[-1][0]
+            start = grown.state_dict()
+            start.update({key: value for key, value in given.items()
+                          if key in start and value.shape == start[key].shape})
+            grown.load_state_dict(start)
 
     def _load_data(self) -> None:
         c = self.config
@@ -187,8 +194,9 @@ class Trainer:
         if c.tissue_weight < 0 or (c.tissue_weight > 0 and not c.labels):
             raise InputError(f"--tissue-weight must be >= 0 and needs training label maps (--labels), "
                              f"not {c.tissue_weight}")
-        if c.residual_stage and not c.init_model:
-            raise InputError("--residual-stage trains a second stage on top of a trained model: give --init-model")
+        if (c.residual_stage or c.fine_stage) and not c.init_model:
+            raise InputError("--residual-stage and --fine-stage train a stage on top of a trained model: "
+                             "give --init-model")
         if c.ncc_weight < 0:
             raise InputError(f"--ncc-weight must be >= 0, not {c.ncc_weight}")
         if c.ncc_window < 3 or c.ncc_window % 2 == 0:
