@@ -89,7 +89,12 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
         f"scaling and squaring with {c['int_steps']} steps (diffeomorphic).",
         *([f"Two stages (`train --residual-stage`): the first is the frozen `--init-model` ({c['init_model']}); "
            "the second, the same UNet, sees the moving image warped by the first stage's field and adds a velocity "
-           "correction, so the result is still one stationary velocity field."] if c.get("residual_stage") else []),
+           "correction, so the result is still one stationary velocity field."]
+          if c.get("residual_stage") and not c.get("fine_stage") else []),
+        *([f"Three stages (`train --residual-stage --fine-stage`): the first two are the frozen `--init-model` "
+           f"({c['init_model']}); the third, a `vm1` UNet at full resolution ({record['spacing_mm']} mm, no half-resolution head), sees "
+           "the moving image warped by the first two stages' field and adds a velocity correction to their "
+           "velocity upsampled to its grid: still one stationary velocity field."] if c.get("fine_stage") else []),
         "",
         "## Training",
         *([f"- {c['synth_fraction']:.0%} of iterations on pairs synthesised from the label maps "
@@ -99,7 +104,9 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
              if c.get("known_fraction") else []),
            *([f"- in {c['csf_expansion']:.0%} of the synthesised label maps tissue pushed away from the CSF by a "
               "random amount (wider ventricles and sulci, as in older brains)"] if c.get("csf_expansion") else []),
-           (f"- first stage, and the start of the second: {c['init_model']}; only the second stage trains"
+           (f"- first two stages, and the start of the third's encoder and decoder: {c['init_model']}; "
+            "only the third stage trains" if c.get("fine_stage") else
+            f"- first stage, and the start of the second: {c['init_model']}; only the second stage trains"
             if c.get("residual_stage") else f"- warm start: {c['init_model']}"),
            f"- the other {1 - c['synth_fraction']:.0%}: real pairs as below"]
           if c.get("synth_fraction") else []),
