@@ -92,7 +92,8 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
            "correction, so the result is still one stationary velocity field."]
           if c.get("residual_stage") and not c.get("fine_stage") else []),
         *([f"Three stages (`train --residual-stage --fine-stage`): the first two are the frozen `--init-model` "
-           f"({c['init_model']}); the third, a `vm1` UNet at full resolution ({record['spacing_mm']} mm, no half-resolution head), sees "
+           f"({c['init_model']}); the third, a `vm1` UNet at full resolution ({record['spacing_mm']} mm, no "
+           "half-resolution head), sees "
            "the moving image warped by the first two stages' field and adds a velocity correction to their "
            "velocity upsampled to its grid: still one stationary velocity field."] if c.get("fine_stage") else []),
         "",
