@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
-from SlicerVoxelMorphLib.layers import ResizeTransform, SpatialTransformer, VecInt
+from SlicerVoxelMorphLib.layers import ResizeTransform, SpatialTransformer, VecInt, coarsen_velocity
 
 
 def _random_case(seed: int = 0, shape=(12, 14, 10)):
@@ -62,6 +62,19 @@ def test_resize_transform_scales_vectors_and_matches_centres():
     fine = ResizeTransform(2.0)(ramp)[0, 0, 1:-1, 0, 0] / 2
     expected = (torch.arange(1, 7.0) - 0.5) / 2
     torch.testing.assert_close(fine, expected)
+
+
+def test_coarsened_velocity_keeps_a_linear_field_in_physical_units_at_the_coarse_centres():
+    """A ramp v(x) = 0.3 x + 1 (fine voxels) averaged onto a grid twice coarser: coarse voxel c is centred at
+    fine x = 2c + 0.5, where the ramp is 0.6 c + 1.15 fine voxels, i.e. half that in coarse voxels."""
+    x = torch.arange(8.0)
+    velocity = torch.zeros(1, 3, 8, 6, 4)
+    velocity[0, 0] = (0.3 * x + 1.0)[:, None, None]
+    coarse = coarsen_velocity(velocity, 2)
+    c = torch.arange(4.0)
+    assert coarse.shape == (1, 3, 4, 3, 2)
+    assert torch.allclose(coarse[0, 0], ((0.6 * c + 1.15) / 2)[:, None, None].expand(4, 3, 2))
+    assert torch.count_nonzero(coarse[0, 1:]) == 0
 
 
 def test_sample_at_matches_scipy_inside_and_is_zero_outside():

@@ -304,3 +304,21 @@ def test_a_network_result_weaker_than_on_its_training_data_is_refined_with_the_a
     assert refined["auto_refine_reason"] == "network weaker than on its training data"
     assert refined["refinement"]["steps_run"] <= register.ACCURATE["steps"]
     assert refined["alignment"]["refined"] < refined["alignment"]["network"]
+
+
+def test_a_full_resolution_velocity_is_refined_on_the_grid_the_presets_were_chosen_on(tmp_path):
+    """A model with a fine stage predicts its velocity at the network level's full resolution; the accurate
+    preset was chosen on a grid twice coarser (that of half-resolution models), where integrating the field
+    costs a fifth: the refinement starts from the network's velocity averaged onto that grid, and improves on it."""
+    torch.manual_seed(0)
+    net = VxmDense("vm1", half_res=True, int_steps=5, residual_stage=True, fine_stage=True)
+    save_model(tmp_path / "fine.pt", net, 2.0, {"name": "fine"})
+    paths, _ = write_phantom_pair(tmp_path, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), field_seed=3,
+                                  sigma_mm=16.0, phantom_seed=5)
+    assert main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["moving"]), "--model",
+                 str(tmp_path / "fine.pt"), "--accurate", "--quiet", "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    working = report["working_grid"]
+    assert working["spacing_mm"] == [1.0, 1.0, 1.0]  # the network level is 2 mm: half the working grid
+    assert report["refinement"]["velocity_grid"] == [n // 4 for n in reversed(working["size"])]
+    assert report["alignment"]["refined"] < report["alignment"]["network"]

@@ -154,6 +154,12 @@ def displacement_from_velocity(velocity: torch.Tensor, size: tuple[int, ...], st
     return ResizeTransform(size[0] / flow.shape[2])(flow, size)
 
 
+def coarsen_velocity(velocity: torch.Tensor, factor: int) -> torch.Tensor:
+    """A velocity field (voxels of its grid) averaged onto a grid ``factor`` times coarser, in voxels of that
+    grid; coarse voxel c covers fine voxels factor*c .. factor*c + factor - 1, as in ``ResizeTransform``."""
+    return F.avg_pool3d(velocity, factor) / factor if factor > 1 else velocity
+
+
 def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     """Average-pool an image tensor by an integer factor (the network's image level)."""
     return F.avg_pool3d(image, factor) if factor > 1 else image

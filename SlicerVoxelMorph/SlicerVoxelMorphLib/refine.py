@@ -173,7 +173,7 @@ class Refiner:
                 last = objective(velocity).item()
             if last < best_loss:
                 best, best_loss = velocity.detach().clone(), last
-        record = {"similarity": similarity, "steps_run": len(history),
+        record = {"similarity": similarity, "velocity_grid": list(best.shape[2:]), "steps_run": len(history),
                   "loss_first": round(history[0], 6) if history else None,
                   "loss_last": round(history[-1], 6) if history else None,
                   "loss_best": round(best_loss, 6) if history else None}

@@ -17,6 +17,7 @@ from .errors import InputError
 from .inputs import CheckedInputs, check_inputs
 from .layers import (
     affine_on_grid,
+    coarsen_velocity,
     displacement_from_velocity,
     downsample,
     identity_grid,
@@ -318,11 +319,12 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     displacement (3, d, h, w) in voxels of that level, with ``inverse`` that of the inverse (the velocity
     integrated backwards), and a report.
 
-    Without a network, refinement starts from zero on a velocity grid twice coarser than the level,
-    where a half-resolution network puts its velocity; with ``from_identity`` too (the network's result
-    is then only reported). A network result that aligns the pair no better than the affine alone
-    (MIND-SSC distance) is refined with the first of ``fallbacks`` when they are given, one that improves on it
-    less than the network does on its training data (WEAK_NETWORK_RATIO) with the second.
+    Refinement works on a velocity grid twice coarser than the level, where a half-resolution network puts its
+    velocity and the presets were chosen (a full-resolution velocity is averaged onto it); without a network it
+    starts from zero, as with ``from_identity`` (the network's result is then only reported). A network result
+    that aligns the pair no better than the affine alone (MIND-SSC distance) is refined with the first of
+    ``fallbacks`` when they are given, one that improves on it less than the network does on its training data
+    (WEAK_NETWORK_RATIO) with the second.
     """
     fixed_small, moving_small = fixed.to(device), moving.to(device)
     fixed_mask, moving_mask = (None if mask is None else mask.to(device) for mask in (masks or [None, None]))
@@ -353,8 +355,11 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
         flow = torch.zeros(1, 3, *size, device=device)
     if refiner is not None:
         clock("refine")
+        coarse = [n // COARSE_VELOCITY for n in size]
         if from_identity:
-            velocity = torch.zeros_like(velocity)
+            velocity = torch.zeros(1, 3, *coarse, device=device)
+        elif list(velocity.shape[2:]) != coarse:  # a full-resolution last stage: refined where the presets were
+            velocity = coarsen_velocity(velocity, COARSE_VELOCITY)  # chosen, integrating at a fifth of the cost
         velocity, info["refinement"] = replace(refiner, int_steps=int_steps).execute(
             velocity, moving_small, fixed_small, clock.progress, fixed_mask, moving_mask)
         with torch.no_grad():
