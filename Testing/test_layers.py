@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
-from SlicerVoxelMorphLib.layers import ResizeTransform, SpatialTransformer, VecInt, coarsen_velocity
+from SlicerVoxelMorphLib.layers import ResizeTransform, SpatialTransformer, VecInt, compose_flows
 
 
 def _random_case(seed: int = 0, shape=(12, 14, 10)):
@@ -64,17 +64,19 @@ def test_resize_transform_scales_vectors_and_matches_centres():
     torch.testing.assert_close(fine, expected)
 
 
-def test_coarsened_velocity_keeps_a_linear_field_in_physical_units_at_the_coarse_centres():
-    """A ramp v(x) = 0.3 x + 1 (fine voxels) averaged onto a grid twice coarser: coarse voxel c is centred at
-    fine x = 2c + 0.5, where the ramp is 0.6 c + 1.15 fine voxels, i.e. half that in coarse voxels."""
-    x = torch.arange(8.0)
-    velocity = torch.zeros(1, 3, 8, 6, 4)
-    velocity[0, 0] = (0.3 * x + 1.0)[:, None, None]
-    coarse = coarsen_velocity(velocity, 2)
-    c = torch.arange(4.0)
-    assert coarse.shape == (1, 3, 4, 3, 2)
-    assert torch.allclose(coarse[0, 0], ((0.6 * c + 1.15) / 2)[:, None, None].expand(4, 3, 2))
-    assert torch.count_nonzero(coarse[0, 1:]) == 0
+def test_composed_flows_move_a_point_through_both_deformations():
+    """x -> x + inner(x) -> then + outer there: a shift of 1.5 voxels along D followed by a field that grows
+    along D (outer = 0.1 * d along H) gives 1.5 along D and 0.1 * (d + 1.5) along H, where it stays inside."""
+    shape = (8, 6, 4)
+    inner = torch.zeros(1, 3, *shape)
+    inner[0, 0] = 1.5
+    d = torch.arange(8.0)[:, None, None].expand(*shape)
+    outer = torch.zeros(1, 3, *shape)
+    outer[0, 1] = 0.1 * d
+    total = compose_flows(inner, outer)
+    torch.testing.assert_close(total[0, 0], torch.full(shape, 1.5))
+    torch.testing.assert_close(total[0, 1, :5], 0.1 * (d[:5] + 1.5))  # d + 1.5 <= 7: inside the grid
+    assert torch.count_nonzero(total[0, 2]) == 0
 
 
 def test_sample_at_matches_scipy_inside_and_is_zero_outside():

@@ -154,10 +154,10 @@ def displacement_from_velocity(velocity: torch.Tensor, size: tuple[int, ...], st
     return ResizeTransform(size[0] / flow.shape[2])(flow, size)
 
 
-def coarsen_velocity(velocity: torch.Tensor, factor: int) -> torch.Tensor:
-    """A velocity field (voxels of its grid) averaged onto a grid ``factor`` times coarser, in voxels of that
-    grid; coarse voxel c covers fine voxels factor*c .. factor*c + factor - 1, as in ``ResizeTransform``."""
-    return F.avg_pool3d(velocity, factor) / factor if factor > 1 else velocity
+def compose_flows(inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """The displacement of x -> y = x + inner(x) -> y + outer(y) (voxels of one grid; outer sampled
+    trilinearly, its edge value outside)."""
+    return inner + SpatialTransformer()(outer, inner)
 
 
 def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:

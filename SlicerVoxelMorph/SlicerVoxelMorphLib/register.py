@@ -16,8 +16,9 @@ from .devices import pick_device
 from .errors import InputError
 from .inputs import CheckedInputs, check_inputs
 from .layers import (
+    SpatialTransformer,
     affine_on_grid,
-    coarsen_velocity,
+    compose_flows,
     displacement_from_velocity,
     downsample,
     identity_grid,
@@ -320,8 +321,10 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     integrated backwards), and a report.
 
     Refinement works on a velocity grid twice coarser than the level, where a half-resolution network puts its
-    velocity and the presets were chosen (a full-resolution velocity is averaged onto it); without a network it
-    starts from zero, as with ``from_identity`` (the network's result is then only reported). A network result
+    velocity and the presets were chosen: it continues from that velocity; from a full-resolution one (a fine
+    stage) it optimises a correction from zero, applied before the network's deformation (the moving image
+    warped by the network is what it sees); without a network it starts from zero, as with ``from_identity``
+    (the network's result is then only reported). A network result
     that aligns the pair no better than the affine alone (MIND-SSC distance) is refined with the first of
     ``fallbacks`` when they are given, one that improves on it less than the network does on its training data
     (WEAK_NETWORK_RATIO) with the second.
@@ -353,21 +356,34 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     else:
         velocity = torch.zeros(1, 3, *[n // COARSE_VELOCITY for n in size], device=device)
         flow = torch.zeros(1, 3, *size, device=device)
+    base = None  # the network's deformation, when the refinement corrects it instead of its velocity
     if refiner is not None:
         clock("refine")
         coarse = [n // COARSE_VELOCITY for n in size]
         if from_identity:
             velocity = torch.zeros(1, 3, *coarse, device=device)
         elif list(velocity.shape[2:]) != coarse:  # a full-resolution last stage: refined where the presets were
-            velocity = coarsen_velocity(velocity, COARSE_VELOCITY)  # chosen, integrating at a fifth of the cost
+            # chosen (integration a fifth of the cost), by a correction applied before the network's deformation
+            base, base_velocity = flow, velocity
+            warp = SpatialTransformer()
+            moving_small = warp(moving_small, base)
+            moving_mask = None if moving_mask is None else warp(moving_mask, base)
+            velocity = torch.zeros(1, 3, *coarse, device=device)
         velocity, info["refinement"] = replace(refiner, int_steps=int_steps).execute(
             velocity, moving_small, fixed_small, clock.progress, fixed_mask, moving_mask)
         with torch.no_grad():
             flow = displacement_from_velocity(velocity, size, int_steps)
+            if base is not None:
+                flow = compose_flows(flow, base)
             if net is not None:
                 info["alignment"]["refined"] = alignment(*descriptors, flow)["network"]
-    with torch.no_grad():
-        backward = displacement_from_velocity(-velocity, size, int_steps)[0].cpu().numpy() if inverse else None
+    backward = None
+    if inverse:
+        with torch.no_grad():
+            backward = displacement_from_velocity(-velocity, size, int_steps)
+            if base is not None:
+                backward = compose_flows(displacement_from_velocity(-base_velocity, size, int_steps), backward)
+        backward = backward[0].cpu().numpy()
     return flow[0].cpu().numpy(), backward, device, info
 
 
