@@ -48,7 +48,7 @@ LIMITS_SYNTH = """\
 - The anatomy comes from 25 LPBA40 label maps (healthy young adults), widened by random deformations;
   contrasts and heads are synthetic. Real T2/FLAIR scans, children, large lesions (use a mask) and
   strong atrophy were not in training: check the result, and use `--accurate` when in doubt.
-- The network sees images at 2 mm and predicts a velocity at 4 mm.
+- {velocity}
 - Two scans of the same head (follow-up, a deformed copy): the network alone does not recover their
   fine deformation; the default safety net recognises such pairs and refines them (whole-head proxy
   above); `--no-auto-refine` gives the network's result alone.
@@ -143,8 +143,11 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
     if evaluation:
         lines += ["## Evaluation (measured with the full `register` pipeline)", evaluation.strip(), ""]
     synthetic = bool(c.get("synth_fraction"))
+    velocity = ("The network sees images at 2 mm; its first two stages predict a velocity at 4 mm, the third "
+                "corrects it at 2 mm." if c.get("fine_stage") else
+                "The network sees images at 2 mm and predicts a velocity at 4 mm.")
     lines += ["## Intended use", INTENDED_USE_SYNTH if synthetic else INTENDED_USE, "", "## Limits",
-              LIMITS_SYNTH if synthetic else LIMITS, ""]
+              LIMITS_SYNTH.format(velocity=velocity) if synthetic else LIMITS, ""]
     return "\n".join(lines)
 
 
