@@ -62,19 +62,25 @@ def _residual_net() -> VxmDense:
     return net
 
 
-def test_a_residual_stage_sees_the_image_warped_by_the_first_and_adds_its_velocity():
-    net = _residual_net()
+def _velocity_and_stage_input(net: VxmDense, stage: torch.nn.Module) -> tuple:
+    """The velocity of a random 32^3 pair and what ``stage`` saw, which must be the moving image shifted by two
+    voxels along the last axis (the constant velocity of ``_residual_net``'s first stage), then the fixed image."""
     moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
     seen = []
-    net.residual_unet.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    stage.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
     with torch.no_grad():
         velocity = net.velocity(moving, fixed)
-        # first stage alone: a constant 1 voxel at half resolution
-        torch.testing.assert_close(velocity, torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 16, 16, 16))
-        # the residual UNet's input: the moving image shifted by two voxels along the last axis, then the fixed
-        warped, given_fixed = seen[0][:, :1], seen[0][:, 1:]
-        torch.testing.assert_close(given_fixed, fixed)
-        torch.testing.assert_close(warped[..., 4:-4, 4:-4, 4:-6], moving[..., 4:-4, 4:-4, 6:-4])
+    torch.testing.assert_close(seen[0][:, 1:], fixed)
+    torch.testing.assert_close(seen[0][:, :1][..., 4:-4, 4:-4, 4:-6], moving[..., 4:-4, 4:-4, 6:-4])
+    return velocity, moving, fixed
+
+
+def test_a_residual_stage_sees_the_image_warped_by_the_first_and_adds_its_velocity():
+    net = _residual_net()
+    velocity, moving, fixed = _velocity_and_stage_input(net, net.residual_unet)
+    # first stage alone: a constant 1 voxel at half resolution
+    torch.testing.assert_close(velocity, torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1, 1).expand(1, 3, 16, 16, 16))
+    with torch.no_grad():
         net.residual_flow.bias.copy_(torch.tensor([0.25, -0.5, 0.0]))
         torch.testing.assert_close(net.velocity(moving, fixed)[0, :, 5, 6, 7], torch.tensor([0.25, -0.5, 1.0]))
 
@@ -86,16 +92,10 @@ def test_a_fine_stage_sees_the_image_warped_by_the_others_and_refines_their_velo
     with torch.no_grad():
         fine.fine_flow.weight.zero_()
         fine.fine_flow.bias.zero_()
-    moving, fixed = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
-    seen = []
-    fine.fine_unet.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    velocity, moving, fixed = _velocity_and_stage_input(fine, fine.fine_unet)
+    # the others' constant velocity of one half-resolution voxel is two voxels of the full grid
+    torch.testing.assert_close(velocity, torch.tensor([0.0, 0.0, 2.0]).view(1, 3, 1, 1, 1).expand(1, 3, 32, 32, 32))
     with torch.no_grad():
-        velocity = fine.velocity(moving, fixed)
-        # the others' constant velocity of one half-resolution voxel is two voxels of the full grid
-        torch.testing.assert_close(velocity, torch.tensor([0.0, 0.0, 2.0]).view(1, 3, 1, 1, 1).expand(1, 3, 32, 32, 32))
-        warped, given_fixed = seen[0][:, :1], seen[0][:, 1:]
-        torch.testing.assert_close(given_fixed, fixed)
-        torch.testing.assert_close(warped[..., 4:-4, 4:-4, 4:-6], moving[..., 4:-4, 4:-4, 6:-4])
         fine.fine_flow.bias.copy_(torch.tensor([0.5, 0.0, -0.25]))
         torch.testing.assert_close(fine.velocity(moving, fixed)[0, :, 5, 6, 7], torch.tensor([0.5, 0.0, 1.75]))
     assert [len(stage) for stage in fine.stages()] == [2, 2, 2] and fine.stages()[-1][0] is fine.fine_unet
