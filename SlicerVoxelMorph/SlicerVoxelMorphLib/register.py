@@ -324,10 +324,9 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     velocity and the presets were chosen: it continues from that velocity; from a full-resolution one (a fine
     stage) it optimises a correction from zero, applied before the network's deformation (the moving image
     warped by the network is what it sees); without a network it starts from zero, as with ``from_identity``
-    (the network's result is then only reported). A network result
-    that aligns the pair no better than the affine alone (MIND-SSC distance) is refined with the first of
-    ``fallbacks`` when they are given, one that improves on it less than the network does on its training data
-    (WEAK_NETWORK_RATIO) with the second.
+    (the network's result is then only reported). A network result that aligns the pair no better than the
+    affine alone (MIND-SSC distance) is refined with the first of ``fallbacks`` when they are given, one that
+    improves on it less than the network does on its training data (WEAK_NETWORK_RATIO) with the second.
     """
     fixed_small, moving_small = fixed.to(device), moving.to(device)
     fixed_mask, moving_mask = (None if mask is None else mask.to(device) for mask in (masks or [None, None]))
