@@ -43,12 +43,11 @@ class VecInt(nn.Module):
         if steps < 0:
             raise ValueError("integration steps must be >= 0")
         self.steps = steps
-        self.transformer = SpatialTransformer()
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
         flow = velocity / (2 ** self.steps)
         for _ in range(self.steps):
-            flow = flow + self.transformer(flow, flow)
+            flow = compose_flows(flow, flow)
         return flow
 
 
