@@ -265,6 +265,21 @@ def test_a_residual_stage_starts_as_its_init_model_and_trains_only_itself(tmp_pa
         torch.testing.assert_close(grown.eval().velocity(x, y), base.velocity(x, y), atol=1e-3, rtol=0)
 
 
+def test_all_stages_fine_tunes_a_cascade_end_to_end(tmp_path):
+    images, labels = _dataset(tmp_path)
+    _train(images, labels, tmp_path / "base")
+    _train(images, labels, tmp_path / "cascade", "--residual-stage", "--init-model",
+           str(tmp_path / "base" / "model.pt"))
+    cascade, _ = load_model(tmp_path / "cascade" / "model.pt")
+    _train(images, labels, tmp_path / "joint", "--residual-stage", "--all-stages", "--init-model",
+           str(tmp_path / "cascade" / "model.pt"))
+    joint, record = load_model(tmp_path / "joint" / "model.pt")
+    assert record["training"]["config"]["all_stages"] and joint.config == cascade.config
+    before, after = cascade.state_dict(), joint.state_dict()
+    for prefix in ("unet.", "flow.", "residual_unet.", "residual_flow."):  # every stage learned
+        assert any(not torch.equal(after[name], before[name]) for name in before if name.startswith(prefix)), prefix
+
+
 def test_a_fine_stage_grows_on_a_cascade_and_starts_as_it(tmp_path):
     from SlicerVoxelMorphLib.layers import ResizeTransform
     from SlicerVoxelMorphLib.train import TrainConfig, Trainer

@@ -105,7 +105,8 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
              if c.get("known_fraction") else []),
            *([f"- in {c['csf_expansion']:.0%} of the synthesised label maps tissue pushed away from the CSF by a "
               "random amount (wider ventricles and sulci, as in older brains)"] if c.get("csf_expansion") else []),
-           (f"- first two stages, and the start of the third's encoder and decoder: {c['init_model']}; "
+           (f"- warm start: {c['init_model']}; all stages train together, end to end" if c.get("all_stages") else
+            f"- first two stages, and the start of the third's encoder and decoder: {c['init_model']}; "
             "only the third stage trains" if c.get("fine_stage") else
             f"- first stage, and the start of the second: {c['init_model']}; only the second stage trains"
             if c.get("residual_stage") else f"- warm start: {c['init_model']}"),

@@ -415,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fine-stage", action="store_true", default=None,
                    help="add a last network at full resolution that refines the --init-model's field from the image "
                         "it warps, training only the new stage (finer detail; more network time)")
+    t.add_argument("--all-stages", action="store_true", default=None,
+                   help="train every stage of a cascade together, end to end (default: only the newest stage)")
     t.add_argument("--val-every", type=int, help="validate every N iterations (default 250)")
     t.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 250)")
     t.add_argument("--seed", type=int, help="random seed (default 0)")

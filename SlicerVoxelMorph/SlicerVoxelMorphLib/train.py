@@ -71,6 +71,7 @@ class TrainConfig:
     init_model: str | None = None  # warm start from a model file (or 'bundled')
     residual_stage: bool = False  # train a second stage on top of the frozen --init-model (networks.VxmDense)
     fine_stage: bool = False  # train a full-resolution last stage on top of the frozen --init-model
+    all_stages: bool = False  # train every stage together (fine-tuning a cascade end to end) instead of the newest
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Trainer:
                             config.fine_stage)
         if config.init_model and warm_start:  # a resumed run takes its weights from the checkpoint
             self._warm_start(config.init_model)
-        for stage in self.net.stages()[:-1]:  # only the newest stage learns
+        for stage in [] if config.all_stages else self.net.stages()[:-1]:  # only the newest stage learns
             for parameter in (p for module in stage for p in module.parameters()):
                 parameter.requires_grad_(False)
         self.net.to(device)
@@ -194,9 +195,9 @@ class Trainer:
         if c.tissue_weight < 0 or (c.tissue_weight > 0 and not c.labels):
             raise InputError(f"--tissue-weight must be >= 0 and needs training label maps (--labels), "
                              f"not {c.tissue_weight}")
-        if (c.residual_stage or c.fine_stage) and not c.init_model:
+        if (c.residual_stage or c.fine_stage) and not (c.init_model or c.all_stages):
             raise InputError("--residual-stage and --fine-stage train a stage on top of a trained model: "
-                             "give --init-model")
+                             "give --init-model (or --all-stages to train the whole cascade from scratch)")
         if c.ncc_weight < 0:
             raise InputError(f"--ncc-weight must be >= 0, not {c.ncc_weight}")
         if c.ncc_window < 3 or c.ncc_window % 2 == 0:
