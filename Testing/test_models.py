@@ -1,5 +1,6 @@
 """Model files: self-describing, loadable with weights_only=True, tamper-evident; networks' shapes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,22 @@ def test_bundled_models_match_their_model_cards():
         card = model.with_suffix(".md").read_text()
         recorded = re.search(r"`([0-9a-f]{64})`", card).group(1)
         assert read_model_file(model)["sha256"] == recorded, model.name
+
+
+def test_a_conv_block_on_two_channels_matches_a_direct_correlation_and_trains_its_weights():
+    from scipy import ndimage
+
+    from SlicerVoxelMorphLib.networks import ConvBlock
+
+    torch.manual_seed(0)
+    block = ConvBlock(2, 3)
+    x = torch.rand(1, 2, 6, 5, 4)
+    out = block(x)
+    w, b = block.conv.weight.detach().double().numpy(), block.conv.bias.detach().double().numpy()
+    data = x[0].double().numpy()
+    for o in range(3):
+        linear = sum(ndimage.correlate(data[c], w[o, c], mode="constant") for c in range(2)) + b[o]
+        expected = np.where(linear > 0, linear, 0.2 * linear)
+        np.testing.assert_allclose(out[0, o].detach().numpy(), expected, atol=1e-5)
+    out.sum().backward()
+    assert block.conv.weight.grad.shape == (3, 2, 3, 3, 3) and block.conv.weight.grad.abs().sum() > 0

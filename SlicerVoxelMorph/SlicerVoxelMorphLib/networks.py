@@ -1,6 +1,7 @@
 """The VoxelMorph network: a UNet that predicts a stationary velocity field from (moving, fixed)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import ResizeTransform, SpatialTransformer, VecInt, displacement_from_velocity
@@ -12,6 +13,12 @@ FEATURES = {
 FINE_FEATURES = "vm1"  # the full-resolution stage: vm1's two 8-channel convolutions keep it cheap at full size
 
 
+# PyTorch's CPU conv3d takes its slow, non-oneDNN path for an input of few channels (the UNets' first
+# convolution, moving and fixed image); zero channels with zero weights bring it to the fast path, same result
+# (benchmarks/conv_channels.py: 82 -> 30 ms for 2 -> 16 channels at 80x96x80 on 2 cores).
+FAST_CPU_CHANNELS = 4
+
+
 class ConvBlock(nn.Module):
     """3x3x3 convolution followed by LeakyReLU(0.2)."""
 
@@ -21,7 +28,11 @@ class ConvBlock(nn.Module):
         self.activation = nn.LeakyReLU(0.2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.conv(x))
+        missing = FAST_CPU_CHANNELS - x.shape[1]
+        if x.device.type != "cpu" or missing <= 0:
+            return self.activation(self.conv(x))
+        zeros = (0, 0) * 3 + (0, missing)  # F.pad counts from the last dimension: pad the channel dimension
+        return self.activation(F.conv3d(F.pad(x, zeros), F.pad(self.conv.weight, zeros), self.conv.bias, padding=1))
 
 
 class Unet(nn.Module):
