@@ -74,6 +74,25 @@ def test_apply_nearest_reproduces_the_registration_label_warp(registered, tmp_pa
     assert (mine == theirs).mean() >= 0.999
 
 
+def test_freesurfer_label_maps_and_references_apply_like_their_nifti_copies(registered, tmp_path):
+    import nibabel as nib
+
+    paths, out = registered
+    for name in ("moving_labels", "fixed"):  # FreeSurfer copies: same voxels and voxel-to-RAS affine
+        nifti = nib.load(paths[name])
+        nib.MGHImage(np.asarray(nifti.dataobj).astype(np.float32 if name == "fixed" else np.int32),
+                     nifti.affine).to_filename(tmp_path / f"{name}.mgz")
+    result = tmp_path / "labels.nii.gz"
+    assert main(["apply", "--transform", str(out / "displacement.nii.gz"), "--input",
+                 str(tmp_path / "moving_labels.mgz"), "--labels", "--reference", str(tmp_path / "fixed.mgz"),
+                 "--output", str(result)]) == 0
+    mine = sitk.ReadImage(str(result))
+    theirs = sitk.ReadImage(str(out / "warped_labels.nii.gz"))
+    np.testing.assert_allclose(mine.GetOrigin(), theirs.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(mine.GetDirection(), theirs.GetDirection(), atol=1e-5)
+    assert (sitk.GetArrayFromImage(mine) == sitk.GetArrayFromImage(theirs)).mean() >= 0.999
+
+
 def test_apply_of_the_inverse_puts_fixed_labels_on_the_moving_grid(registered, tmp_path):
     paths, out = registered
     result = tmp_path / "fixed_on_moving.nii.gz"

@@ -282,3 +282,32 @@ def test_warping_on_the_field_grid_equals_resampling_through_the_field_transform
         assert warped.GetPixelID() == pixel and images.same_grid(warped, field_grid)
         np.testing.assert_allclose(sitk.GetArrayFromImage(warped), expected, atol=1e-6)
         assert (expected == fill).mean() > 0.05 and (expected != fill).mean() > 0.3  # both cases exercised
+
+
+def test_freesurfer_volumes_read_with_the_geometry_itk_gives_the_same_data_as_nifti(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 60, (6, 5, 4)).astype(np.int32)  # (i, j, k), as FreeSurfer's aseg
+    affine = np.eye(4)
+    affine[:3, :3] = ROTATED @ np.diag([0.8, 1.0, 1.5])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    nib.MGHImage(data, affine).to_filename(tmp_path / "aseg.mgz")
+    nib.Nifti1Image(data, affine).to_filename(tmp_path / "aseg.nii.gz")
+    freesurfer = images.read_image(tmp_path / "aseg.mgz")
+    itk = sitk.ReadImage(str(tmp_path / "aseg.nii.gz"))  # ITK's own NIfTI reader as the reference
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(freesurfer), sitk.GetArrayFromImage(itk))
+    np.testing.assert_allclose(freesurfer.GetSpacing(), itk.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(freesurfer.GetOrigin(), itk.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(freesurfer.GetDirection(), itk.GetDirection(), atol=1e-5)
+    assert freesurfer.GetOrigin()[0] == pytest.approx(-10.0, abs=1e-4)  # RAS x = 10 is LPS x = -10
+
+
+def test_damaged_and_multi_frame_freesurfer_volumes_are_input_errors(tmp_path):
+    from SlicerVoxelMorphLib.errors import InputError
+
+    nib.MGHImage(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)).to_filename(tmp_path / "frames.mgz")
+    with pytest.raises(InputError, match="one 3D frame"):
+        images.read_image(tmp_path / "frames.mgz")
+    nib.MGHImage(np.ones((8, 8, 8), np.float32), np.eye(4)).to_filename(tmp_path / "whole.mgh")
+    (tmp_path / "cut.mgh").write_bytes((tmp_path / "whole.mgh").read_bytes()[:300])
+    with pytest.raises(InputError, match="cannot read image"):
+        images.read_image(tmp_path / "cut.mgh")

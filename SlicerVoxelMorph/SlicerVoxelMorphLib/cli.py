@@ -46,7 +46,9 @@ def subject_name(path: Path) -> str:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files in a folder, sorted by name."""
-    suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+    from .images import FREESURFER_SUFFIXES
+
+    suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", *FREESURFER_SUFFIXES)
     return sorted(p for p in folder.iterdir() if p.name.endswith(suffixes))
 
 

@@ -14,22 +14,43 @@ from .errors import InputError
 from .files import atomic_path
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+FREESURFER_SUFFIXES = (".mgz", ".mgh")  # read with nibabel (SimpleITK has no reader for them)
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
-    """Read an image file that SimpleITK can read; raise InputError naming the problem.
+    """Read an image file that SimpleITK can read, or FreeSurfer's .mgz/.mgh; raise InputError naming the problem.
 
     Content is checked where it is used (``check_image``, ``check_labels``).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} file not found: {path}")
+    if path.name.lower().endswith(FREESURFER_SUFFIXES):
+        return read_freesurfer(path, what)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
         raise InputError(f"cannot read {what} {path}: {first}") from None
     return image
+
+
+def read_freesurfer(path: Path, what: str = "image") -> sitk.Image:
+    """A FreeSurfer .mgz/.mgh volume (one frame) through nibabel, its voxel-to-RAS affine made LPS geometry."""
+    import nibabel as nib
+
+    try:
+        volume = nib.load(str(path))
+        array = np.asanyarray(volume.dataobj)
+    except Exception as exc:  # nibabel raises many kinds (header, gzip, size) for a damaged file
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read {what} {path}: {reason}") from None
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InputError(f"{what} {path} has shape {array.shape}: one 3D frame is required")
+    native = array.astype(array.dtype.newbyteorder("="))  # MGH stores big-endian; SimpleITK takes native order
+    return image_from_array(native.transpose(2, 1, 0), volume.affine)
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
