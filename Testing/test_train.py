@@ -265,12 +265,17 @@ def test_a_residual_stage_starts_as_its_init_model_and_trains_only_itself(tmp_pa
         torch.testing.assert_close(grown.eval().velocity(x, y), base.velocity(x, y), atol=1e-3, rtol=0)
 
 
-def test_all_stages_fine_tunes_a_cascade_end_to_end(tmp_path):
+def _trained_cascade(tmp_path) -> tuple:
+    """A small dataset and a two-stage model trained on it (a base model, then a residual stage on it)."""
     images, labels = _dataset(tmp_path)
     _train(images, labels, tmp_path / "base")
     _train(images, labels, tmp_path / "cascade", "--residual-stage", "--init-model",
            str(tmp_path / "base" / "model.pt"))
-    cascade, _ = load_model(tmp_path / "cascade" / "model.pt")
+    return images, labels, load_model(tmp_path / "cascade" / "model.pt")[0]
+
+
+def test_all_stages_fine_tunes_a_cascade_end_to_end(tmp_path):
+    images, labels, cascade = _trained_cascade(tmp_path)
     _train(images, labels, tmp_path / "joint", "--residual-stage", "--all-stages", "--init-model",
            str(tmp_path / "cascade" / "model.pt"))
     joint, record = load_model(tmp_path / "joint" / "model.pt")
@@ -284,11 +289,7 @@ def test_a_fine_stage_grows_on_a_cascade_and_starts_as_it(tmp_path):
     from SlicerVoxelMorphLib.layers import ResizeTransform
     from SlicerVoxelMorphLib.train import TrainConfig, Trainer
 
-    images, labels = _dataset(tmp_path)
-    _train(images, labels, tmp_path / "base")
-    _train(images, labels, tmp_path / "cascade", "--residual-stage", "--init-model",
-           str(tmp_path / "base" / "model.pt"))
-    cascade, _ = load_model(tmp_path / "cascade" / "model.pt")
+    images, labels, cascade = _trained_cascade(tmp_path)
     _train(images, labels, tmp_path / "fine", "--residual-stage", "--fine-stage", "--init-model",
            str(tmp_path / "cascade" / "model.pt"))
     fine, record = load_model(tmp_path / "fine" / "model.pt")
