@@ -93,6 +93,25 @@ def test_freesurfer_label_maps_and_references_apply_like_their_nifti_copies(regi
     assert (sitk.GetArrayFromImage(mine) == sitk.GetArrayFromImage(theirs)).mean() >= 0.999
 
 
+def test_apply_writes_freesurfer_output_and_refuses_unknown_output_types_before_working(registered, tmp_path,
+                                                                                        capsys):
+    import nibabel as nib
+
+    paths, out = registered
+    transform = str(out / "displacement.nii.gz")
+    for name in ("labels.mgz", "labels.nii.gz"):
+        assert main(["apply", "--transform", transform, "--input", paths["moving_labels"], "--labels",
+                     "--reference", paths["fixed"], "--output", str(tmp_path / name)]) == 0
+    freesurfer, nifti = nib.load(tmp_path / "labels.mgz"), nib.load(tmp_path / "labels.nii.gz")
+    np.testing.assert_array_equal(np.asarray(freesurfer.dataobj), np.asarray(nifti.dataobj))
+    np.testing.assert_allclose(freesurfer.affine, nifti.affine, atol=1e-4)
+    _one_error(capsys, ["apply", "--transform", transform, "--input", paths["moving"], "--output",
+                        str(tmp_path / "warped.xyz")], "warped.xyz", ".nii.gz", ".mgz")
+    _one_error(capsys, ["apply", "--transform", transform, "--points", str(tmp_path / "missing.csv"), "--output",
+                        str(tmp_path / "points.nii.gz")], "points.nii.gz", ".csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.mgz", "labels.nii.gz"]  # nothing half-written
+
+
 def test_apply_of_the_inverse_puts_fixed_labels_on_the_moving_grid(registered, tmp_path):
     paths, out = registered
     result = tmp_path / "fixed_on_moving.nii.gz"

@@ -46,10 +46,9 @@ def subject_name(path: Path) -> str:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files in a folder, sorted by name."""
-    from .images import FREESURFER_SUFFIXES
+    from .images import FREESURFER_SUFFIXES, IMAGE_SUFFIXES
 
-    suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", *FREESURFER_SUFFIXES)
-    return sorted(p for p in folder.iterdir() if p.name.endswith(suffixes))
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith(IMAGE_SUFFIXES + FREESURFER_SUFFIXES))
 
 
 def training_lists(args: argparse.Namespace) -> tuple[list[str], list[str] | None, list[str], list[str] | None]:
@@ -246,11 +245,13 @@ def _write_images(named: list, folder: Path, compression: int) -> None:
 
 def run_apply(args: argparse.Namespace) -> None:
     from . import apply
-    from .images import check_image, read_image, write_image
+    from .images import check_image, check_image_output, read_image, write_image
 
     if (args.input is None) == (args.points is None):
         raise InputError("give either --input (an image) or --points (a CSV), not both or neither")
-    output = Path(args.output)
+    output = check_image_output(args.output) if args.input else Path(args.output)
+    if args.points and output.suffix.lower() != ".csv":
+        raise InputError(f"output {output}: mapped points are written as a CSV file (.csv)")
     if output.exists() and not args.overwrite:
         raise InputError(f"output {output} exists (use --overwrite)")
     if not output.parent.is_dir():

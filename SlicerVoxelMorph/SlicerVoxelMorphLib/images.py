@@ -14,7 +14,9 @@ from .errors import InputError
 from .files import atomic_path
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-FREESURFER_SUFFIXES = (".mgz", ".mgh")  # read with nibabel (SimpleITK has no reader for them)
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # read and written by SimpleITK
+FREESURFER_SUFFIXES = (".mgz", ".mgh")  # read and written with nibabel (SimpleITK has no IO for them)
+FREESURFER_TYPES = (np.uint8, np.int16, np.int32, np.float32)  # the voxel types an MGH file can hold
 
 
 def read_image(path: str | Path, what: str = "image") -> sitk.Image:
@@ -51,6 +53,15 @@ def read_freesurfer(path: Path, what: str = "image") -> sitk.Image:
         raise InputError(f"{what} {path} has shape {array.shape}: one 3D frame is required")
     native = array.astype(array.dtype.newbyteorder("="))  # MGH stores big-endian; SimpleITK takes native order
     return image_from_array(native.transpose(2, 1, 0), volume.affine)
+
+
+def check_image_output(path: str | Path, what: str = "output") -> Path:
+    """The path of an image to write, refused (InputError) unless its type is one this package writes."""
+    path = Path(path)
+    if not path.name.lower().endswith(IMAGE_SUFFIXES + FREESURFER_SUFFIXES):
+        raise InputError(f"{what} {path}: an image file name must end in "
+                         f"{', '.join(IMAGE_SUFFIXES + FREESURFER_SUFFIXES)}")
+    return path
 
 
 def check_image(image: sitk.Image, what: str = "image") -> sitk.Image:
@@ -212,6 +223,9 @@ def write_image(image: sitk.Image, path: str | Path, compression: int = 1) -> No
     """
     path = Path(path)
     with atomic_path(path) as tmp:
+        if path.name.lower().endswith(FREESURFER_SUFFIXES):
+            write_freesurfer(image, tmp)
+            return
         if path.suffix != ".gz":
             sitk.WriteImage(image, str(tmp), useCompression=compression > 0)
             return
@@ -222,6 +236,19 @@ def write_image(image: sitk.Image, path: str | Path, compression: int = 1) -> No
                 shutil.copyfileobj(source, target, 1 << 24)
         finally:
             plain.unlink(missing_ok=True)
+
+
+def write_freesurfer(image: sitk.Image, path: Path) -> None:
+    """A scalar image as a FreeSurfer .mgz/.mgh through nibabel, in the nearest voxel type MGH holds."""
+    import nibabel as nib
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path.name}: FreeSurfer files hold scalar images here; write vectors as .nii.gz")
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    if array.dtype.type not in FREESURFER_TYPES:
+        fits = np.issubdtype(array.dtype, np.integer) and np.can_cast(array.dtype, np.int32)
+        array = array.astype(np.int32 if fits else np.float32)
+    nib.MGHImage(array, ijk_to_ras(image)).to_filename(str(path))
 
 
 def voxel_flow_to_physical(flow: np.ndarray, image: sitk.Image) -> np.ndarray:
