@@ -276,3 +276,42 @@ def test_masks_that_never_meet_fail_the_affine_stage_with_one_line(tmp_path, cap
                               "--quiet", "--out", str(tmp_path / "out")])
     assert code == 2 and "affine alignment failed" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_cannot_be_made_is_refused_before_any_work(files, tmp_path, capsys, monkeypatch):
+    from SlicerVoxelMorphLib import register as register_module
+
+    monkeypatch.setattr(register_module, "register", lambda *a, **k: pytest.fail("registered before the check"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--out",
+                           str(blocker / "result")], "a_file", "not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_write_that_fails_is_one_line_and_leaves_no_partial_file(files, tmp_path, capsys, monkeypatch):
+    def failing_write(*args, **kwargs):
+        raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute:\nsitk::ERROR: No space left")
+
+    monkeypatch.setattr(sitk, "WriteImage", failing_write)
+    field = sitk.Image(sitk.ReadImage(files["fixed"]).GetSize(), sitk.sitkVectorFloat64, 3)
+    field.CopyInformation(sitk.ReadImage(files["fixed"]))
+    monkeypatch.undo()
+    out = tmp_path / "applied"
+    out.mkdir()
+    transform = _write(out / "zero.nii.gz", field)
+    monkeypatch.setattr(sitk, "WriteImage", failing_write)
+    _expect_error(capsys, ["apply", "--transform", transform, "--input", files["moving"], "--output",
+                           str(out / "warped.nii.gz")], "cannot write", "warped.nii.gz", "No space left")
+    assert sorted(p.name for p in out.iterdir()) == ["zero.nii.gz"]
+
+
+def test_an_os_error_while_writing_is_one_line(files, tmp_path, capsys, monkeypatch):
+    from SlicerVoxelMorphLib import files as files_module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr(files_module.tempfile, "mkdtemp", refuse)
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none",
+                           "--refine", "2", "--out", str(tmp_path / "out")], "Permission denied", "out")

@@ -108,6 +108,11 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise InputError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"output folder {out} is not empty (use --overwrite)")
+    nearest = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
+    if not nearest.is_dir():
+        raise InputError(f"output {out}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise InputError(f"output {out}: no permission to write in {nearest}")
 
 
 def run_register(args: argparse.Namespace) -> None:
@@ -439,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except InputError as exc:
         print(f"slicer-voxelmorph: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (permissions, space, a path that cannot be made)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"slicer-voxelmorph: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
         print("slicer-voxelmorph: stopped", file=sys.stderr)

@@ -227,15 +227,24 @@ def write_image(image: sitk.Image, path: str | Path, compression: int = 1) -> No
             write_freesurfer(image, tmp)
             return
         if path.suffix != ".gz":
-            sitk.WriteImage(image, str(tmp), useCompression=compression > 0)
+            _write_itk(image, tmp, path, compression > 0)
             return
         plain = tmp.with_suffix("")  # .name.partial.nii beside .name.partial.nii.gz
         try:
-            sitk.WriteImage(image, str(plain), useCompression=False)
+            _write_itk(image, plain, path, False)
             with open(plain, "rb") as source, gzip.open(tmp, "wb", compresslevel=compression) as target:
                 shutil.copyfileobj(source, target, 1 << 24)
         finally:
             plain.unlink(missing_ok=True)
+
+
+def _write_itk(image: sitk.Image, target: Path, path: Path, compress: bool) -> None:
+    """SimpleITK's writer, its failure (no space, no permission, no writer) an InputError naming ``path``."""
+    try:
+        sitk.WriteImage(image, str(target), useCompression=compress)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise InputError(f"cannot write {path}: {reason}") from None
 
 
 def write_freesurfer(image: sitk.Image, path: Path) -> None:
