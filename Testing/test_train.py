@@ -123,9 +123,14 @@ def test_bad_training_settings_and_a_used_folder_are_refused(tmp_path, capsys):
     for window in ("4", "1"):  # an NCC window has a centre voxel and neighbours
         assert main([*base, "--ncc-window", window, "--out", str(tmp_path / "d")]) == 2
         assert "--ncc-window" in capsys.readouterr().err
-    for option in ("--tissue-weight", "--ncc-weight"):
-        assert main([*base, option, "-1", "--out", str(tmp_path / "e")]) == 2
-        assert option in capsys.readouterr().err
+    for option, value in (("--tissue-weight", "-1"), ("--ncc-weight", "-1"), ("--lr", "-1"), ("--lr", "0"),
+                          ("--iterations", "-3"), ("--smooth-weight", "-0.5"), ("--field-weight", "-1"),
+                          ("--val-every", "0"), ("--checkpoint-every", "-1"), ("--atlas-fraction", "1.5")):
+        assert main([*base, option, value, "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err
+        assert option in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "e").exists(), err
+    assert main([*base, "--atlas", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "f")]) == 2
+    assert "atlas" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b")]) == 0
     assert main([*base, "--out", str(tmp_path / "b")]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -138,8 +138,8 @@ class Trainer:
                  progress: Callable[[str, float], None] | None = None, warm_start: bool = True) -> None:
         self.config, self.out, self.device = config, Path(out), device
         self.progress = progress or (lambda stage, fraction: None)
-        self.out.mkdir(parents=True, exist_ok=True)
         self._load_data()
+        self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.net = VxmDense(config.features, config.half_res, config.int_steps, config.residual_stage,
                             config.fine_stage)
@@ -177,6 +177,18 @@ class Trainer:
 
     def _load_data(self) -> None:
         c = self.config
+        for option, value, valid, rule in (
+                ("--iterations", c.iterations, c.iterations >= 0, ">= 0"), ("--lr", c.lr, c.lr > 0, "> 0"),
+                ("--smooth-weight", c.smooth_weight, c.smooth_weight >= 0, ">= 0"),
+                ("--field-weight", c.field_weight, c.field_weight >= 0, ">= 0"),
+                ("--val-every", c.val_every, c.val_every > 0, "> 0"),
+                ("--checkpoint-every", c.checkpoint_every, c.checkpoint_every > 0, "> 0"),
+                ("--atlas-fraction", c.atlas_fraction, 0 <= c.atlas_fraction <= 1, "in [0, 1]")):
+            if not valid:
+                raise InputError(f"{option} must be {rule}, not {value}")
+        for option, path in (("--atlas", c.atlas), ("--atlas-labels", c.atlas_labels)):
+            if path and not Path(path).is_file():
+                raise InputError(f"{option} file not found: {path}")
         if not 0 <= c.synth_fraction <= 1:
             raise InputError(f"--synth-fraction must be in [0, 1], not {c.synth_fraction}")
         if c.synth_fraction > 0 and not c.labels:
