@@ -315,3 +315,13 @@ def test_an_os_error_while_writing_is_one_line(files, tmp_path, capsys, monkeypa
     monkeypatch.setattr(files_module.tempfile, "mkdtemp", refuse)
     _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model", "none",
                            "--refine", "2", "--out", str(tmp_path / "out")], "Permission denied", "out")
+
+
+@pytest.mark.parametrize("option,value", [("--refine", "-5"), ("--threads", "-2"), ("--threads", "0")])
+def test_negative_steps_and_threads_are_refused(files, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as stop:
+        main(["register", "--fixed", files["fixed"], "--moving", files["moving"], option, value, "--out",
+              str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and option in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ import argparse
 import csv
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import Cancelled, InputError
@@ -37,6 +38,19 @@ TRAIN_EXAMPLES = """examples:
       --atlas-labels data/label/S01.nii.gz --val-subjects S35,S36 --iterations 5000 --out runs/lpba40
   slicer-voxelmorph train --list pairs.csv --out runs/mine --resume
 """
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (argparse reports anything else in one line, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"an integer is required, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+    return parse
 
 
 def subject_name(path: Path) -> str:
@@ -347,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--accurate", action="store_true",
                    help="refine the network's result by instance optimisation with the measured best schedule")
-    r.add_argument("--refine", type=int, help="expert: refinement steps (default 0; 100 with --model none)")
+    r.add_argument("--refine", type=at_least(0), help="expert: refinement steps (default 0; 100 with --model none)")
     r.add_argument("--similarity", choices=["auto", "ncc", "mind"], default="auto",
                    help="refinement similarity: local NCC (same contrast), MIND-SSC (any contrast), auto (default)")
     r.add_argument("--no-auto-refine", action="store_true",
@@ -355,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inverse", action="store_true",
                    help="also write inverse_displacement.nii.gz (moving grid: moving point y -> fixed y + w(y))")
     r.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment (images already aligned)")
-    r.add_argument("--threads", type=int, help="CPU threads for torch and SimpleITK (default: all cores)")
+    r.add_argument("--threads", type=at_least(1), help="CPU threads for torch and SimpleITK (default: all cores)")
     r.add_argument("--compression", choices=list(COMPRESSION), default="fast",
                    help="gzip of the .nii.gz outputs: fast (default: images level 1, float fields stored), "
                    "small (level 9), none (all stored)")
@@ -431,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", dest="augment", action="store_false", default=None)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    t.add_argument("--threads", type=int, help="CPU threads for torch")
+    t.add_argument("--threads", type=at_least(1), help="CPU threads for torch")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, model.pt)")
     t.set_defaults(func=run_train)
