@@ -15,7 +15,7 @@ FINE_FEATURES = "vm1"  # the full-resolution stage: vm1's two 8-channel convolut
 
 # PyTorch's CPU conv3d takes its slow, non-oneDNN path for an input of few channels (the UNets' first
 # convolution, moving and fixed image); zero channels with zero weights bring it to the fast path, same result
-# (benchmarks/conv_channels.py: 82 -> 30 ms for 2 -> 16 channels at 80x96x80 on 2 cores).
+# (benchmarks/conv_channels.py, idle machine: 79 -> 20 ms for 2 -> 16 channels at 80x96x80 on 2 cores).
 FAST_CPU_CHANNELS = 4
 
 
