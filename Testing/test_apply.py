@@ -112,6 +112,17 @@ def test_apply_writes_freesurfer_output_and_refuses_unknown_output_types_before_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.mgz", "labels.nii.gz"]  # nothing half-written
 
 
+def test_apply_never_writes_over_one_of_its_inputs(registered, tmp_path, capsys):
+    paths, out = registered
+    moving = tmp_path / "moving.nii.gz"
+    moving.write_bytes(open(paths["moving"], "rb").read())
+    before = moving.read_bytes()
+    for target in (moving, out / "displacement.nii.gz"):
+        _one_error(capsys, ["apply", "--transform", str(out / "displacement.nii.gz"), "--input", str(moving),
+                            "--output", str(target), "--overwrite"], "input")
+    assert moving.read_bytes() == before
+
+
 def test_apply_of_the_inverse_puts_fixed_labels_on_the_moving_grid(registered, tmp_path):
     paths, out = registered
     result = tmp_path / "fixed_on_moving.nii.gz"

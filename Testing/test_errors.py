@@ -158,6 +158,11 @@ def test_overwrite_removes_the_earlier_runs_outputs(files, tmp_path):
     assert main([*base, "--overwrite"]) == 0  # no labels this time
     assert not (out / "warped_labels.nii.gz").exists()  # the stale label warp is gone
     assert "mean_dice_after" not in (out / "report.json").read_text()
+    warped = out / "warped.nii.gz"
+    before = warped.read_bytes()  # registering an earlier result again into its folder would replace the input
+    assert main(["register", "--fixed", files["fixed"], "--moving", str(warped), "--model", "none", "--refine", "1",
+                 "--quiet", "--overwrite", "--out", str(out)]) == 2
+    assert warped.read_bytes() == before
 
 
 def test_a_failed_run_leaves_no_output_folder_and_no_partial_files(files, tmp_path, capsys):
@@ -200,6 +205,7 @@ def test_masks_on_another_grid_or_empty_are_named(files, tmp_path, capsys):
                      reference.GetOrigin())
     _expect_error(capsys, [*base, "--moving-mask", _write(tmp_path / "empty_mask.nii.gz", empty)], "moving mask",
                   "empty")
+    _expect_error(capsys, [*base, "--fixed-mask", files["fixed"]], "fixed mask", "non-integer")  # an image, not a mask
 
 
 def test_masks_that_miss_the_working_region_and_bad_smoothness_are_named(files, tmp_path, capsys):

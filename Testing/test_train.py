@@ -313,3 +313,13 @@ def test_a_fine_stage_grows_on_a_cascade_and_starts_as_it(tmp_path):
     with torch.no_grad():  # with its near-zero head the grown network starts as the cascade, at full resolution
         coarse = cascade.velocity(x, y)
         torch.testing.assert_close(start.velocity(x, y), ResizeTransform(2)(coarse, (32, 32, 32)), atol=1e-3, rtol=0)
+
+
+def test_a_list_file_with_a_blank_cell_names_its_row(tmp_path, capsys):
+    images, labels = _dataset(tmp_path)
+    names = sorted(p.name for p in images.iterdir())
+    rows = [f"{images / names[0]},{labels / names[0]}", f"{images / names[1]},"]
+    (tmp_path / "list.csv").write_text("image,labels\n" + "\n".join(rows) + "\n")
+    assert main(["train", "--list", str(tmp_path / "list.csv"), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "row 3" in err and "labels" in err and len(err.strip().splitlines()) == 1, err

@@ -73,8 +73,14 @@ def training_lists(args: argparse.Namespace) -> tuple[list[str], list[str] | Non
         if not rows or "image" not in rows[0]:
             raise InputError(f"{args.list}: a CSV with columns image[,labels][,split] is required")
         base = Path(args.list).parent
-        images = [str(base / r["image"]) for r in rows]
-        labels = [str(base / r["labels"]) for r in rows] if rows[0].get("labels") else None
+        columns = ("image", "labels") if rows[0].get("labels") else ("image",)
+        for row, r in enumerate(rows, start=2):  # row 1 is the header
+            blank = [c for c in columns if not (r.get(c) or "").strip()]
+            if blank:
+                raise InputError(f"{args.list} row {row}: no {' and no '.join(blank)} (give labels for every image "
+                                 "or for none)")
+        images = [str(base / r["image"].strip()) for r in rows]
+        labels = [str(base / r["labels"].strip()) for r in rows] if len(columns) == 2 else None
         splits = {r.get("split") or "train" for r in rows}
         if not splits <= {"train", "val"}:
             raise InputError(f"{args.list}: split must be train or val, not {', '.join(sorted(splits))}")
@@ -115,13 +121,20 @@ def read_label_names(path: str | None) -> dict[int, str] | None:
                          f"({type(exc).__name__})") from None
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, or a non-empty folder unless ``overwrite`` (nothing is created
-    here: outputs are staged and moved in when the run succeeds)."""
+def check_output(out: Path, overwrite: bool, inputs: list[str] = ()) -> None:
+    """Refuse an output that is a file, or a non-empty folder unless ``overwrite``, and an overwrite that would
+    replace one of the ``inputs`` (nothing is created here: outputs are staged and moved in when the run succeeds)."""
+    from .files import RUN_OUTPUTS
+
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"output folder {out} is not empty (use --overwrite)")
+    replaced = [out / name for name in RUN_OUTPUTS if (out / name).is_file()]
+    for given in (Path(p) for p in inputs if p and Path(p).is_file()):
+        if any(given.samefile(old) for old in replaced):
+            raise InputError(f"input {given} is an output of an earlier run in {out} that --overwrite would replace: "
+                             "copy it elsewhere or choose another --out")
     nearest = next(folder for folder in (out, *out.absolute().parents) if folder.exists())
     if not nearest.is_dir():
         raise InputError(f"output {out}: {nearest} is a file, not a folder")
@@ -157,7 +170,9 @@ def run_register(args: argparse.Namespace) -> None:
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
         names = read_label_names(args.label_names)
         inputs = _read_register_inputs(args)
-        check_output(out, args.overwrite)
+        check_output(out, args.overwrite, [args.fixed, args.moving, args.fixed_labels, args.moving_labels,
+                                           args.fixed_mask, args.moving_mask, args.fixed_points, args.moving_points,
+                                           args.label_names])
         refine_steps = args.refine if args.refine is not None else (0 if args.model != "none" else 100)
         bar = _progress_bar(args.quiet, total=100, leave=False,
                             bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}")
@@ -275,6 +290,9 @@ def run_apply(args: argparse.Namespace) -> None:
         raise InputError(f"output {output} exists (use --overwrite)")
     if not output.parent.is_dir():
         raise InputError(f"the folder of the output {output} does not exist")
+    inputs = [Path(p) for p in (args.transform, args.input, args.points, args.reference) if p]
+    if output.exists() and any(p.exists() and p.samefile(output) for p in inputs):
+        raise InputError(f"output {output} is one of the inputs: choose another name (inputs are never overwritten)")
     field = apply.check_field(read_image(args.transform, "transform"))
     if args.points:
         apply.write_points(apply.map_points(apply.read_points(args.points, args.ras), field), output, args.ras)

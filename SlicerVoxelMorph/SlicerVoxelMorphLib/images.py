@@ -103,7 +103,11 @@ def check_mask(mask: sitk.Image, image: sitk.Image, what: str = "mask") -> sitk.
         raise InputError(f"{what} must be a 3D scalar image")
     if not same_grid(mask, image):
         raise InputError(f"{what} is on another grid (size, spacing, origin or direction) than its image")
-    inside = sitk.GetArrayViewFromImage(mask) != 0
+    values = sitk.GetArrayViewFromImage(mask)
+    if np.issubdtype(values.dtype, np.floating) and not np.array_equal(values, np.round(values)):
+        raise InputError(f"{what} has non-integer values: a mask (0 outside, non-zero inside) is required, not an "
+                         "intensity or probability image (threshold it first)")
+    inside = values != 0
     if not inside.any():
         raise InputError(f"{what} is empty: no voxel inside")
     out = sitk.GetImageFromArray(inside.astype(np.uint8))
