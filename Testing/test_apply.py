@@ -277,3 +277,12 @@ def test_per_label_linear_warp_matches_scipy_and_never_invents_a_label():
     inside = i + shift[..., 0] <= labels.shape[2] - 1  # beyond the last voxel centre SimpleITK says outside
     clear = np.sort(weights, 0)[-1] - np.sort(weights, 0)[-2] > 1e-3  # no tie between two labels
     np.testing.assert_array_equal(got[inside & clear], expected[inside & clear])
+
+
+def test_points_with_infinite_or_missing_coordinates_are_refused(registered, tmp_path, capsys):
+    _, out = registered
+    (tmp_path / "inf.csv").write_text("x,y,z\n1,2,3\n1e400,2,3\n")
+    (tmp_path / "nan.json").write_text('{"markups": [{"controlPoints": [{"position": [1, "NaN", 3]}]}]}')
+    for name in ("inf.csv", "nan.json"):
+        _one_error(capsys, ["apply", "--transform", str(out / "displacement.nii.gz"), "--points",
+                            str(tmp_path / name), "--output", str(tmp_path / "out.csv")], name, "non-finite")

@@ -331,3 +331,11 @@ def test_negative_steps_and_threads_are_refused(files, tmp_path, capsys, option,
     err = capsys.readouterr().err
     assert stop.value.code == 2 and option in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_label_names_that_name_one_id_twice_are_refused(files, tmp_path, capsys):
+    names = tmp_path / "names.csv"
+    names.write_text("id,name\n1,caudate\n1,putamen\n")
+    _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--fixed-labels",
+                           files["fixed_labels"], "--moving-labels", files["moving_labels"], "--label-names",
+                           str(names), "--out", str(tmp_path / "o")], "names.csv", "id 1")

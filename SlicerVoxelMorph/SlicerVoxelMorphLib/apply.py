@@ -94,8 +94,15 @@ def map_points(points_lps: np.ndarray, field: sitk.Image) -> np.ndarray:
 
 def read_points(path: str | Path, ras: bool = False) -> np.ndarray:
     """Points (N, 3) in LPS mm from a CSV with a header x,y,z (LPS, or RAS with ``ras``), a CSV with
-    columns l,p,s or r,a,s (Slicer markups CSV), or a Slicer markups JSON file."""
-    path = Path(path)
+    columns l,p,s or r,a,s (Slicer markups CSV), or a Slicer markups JSON file; every coordinate finite."""
+    points = _read_points(Path(path), ras)
+    bad = np.flatnonzero(~np.isfinite(points).all(axis=1))
+    if bad.size:
+        raise InputError(f"{path}: non-finite coordinates in point(s) {', '.join(str(i + 1) for i in bad[:10])}")
+    return points
+
+
+def _read_points(path: Path, ras: bool) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"points file not found: {path}")
     if path.suffix.lower() == ".json":

@@ -115,10 +115,15 @@ def read_label_names(path: str | None) -> dict[int, str] | None:
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        return {int(r["id"]): r["name"] for r in rows}
+        ids = [int(r["id"]) for r in rows]
+        names = {label: r["name"] for label, r in zip(ids, rows, strict=True)}
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise InputError(f"cannot read label names from {path}: a CSV with columns id,name is required "
                          f"({type(exc).__name__})") from None
+    twice = sorted({label for label in ids if ids.count(label) > 1})
+    if twice:
+        raise InputError(f"{path}: id {', '.join(map(str, twice))} named more than once")
+    return names
 
 
 def check_output(out: Path, overwrite: bool, inputs: list[str] = ()) -> None:
