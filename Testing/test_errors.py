@@ -117,6 +117,15 @@ def test_model_files_of_the_wrong_kind(files, tmp_path, capsys):
     for path in (text, foreign, tmp_path / "missing.pt"):
         _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model",
                                str(path), "--out", str(tmp_path / "o")], str(path.name))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(foreign.read_bytes()[:300])
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"settings": ValueError("x")}, pickled)  # a Python object no weights-only load accepts
+    for path, reason in ((text, "damaged or truncated"), (truncated, "damaged or truncated"),
+                         (pickled, "Python objects")):
+        err = _expect_error(capsys, ["register", "--fixed", files["fixed"], "--moving", files["moving"], "--model",
+                                     str(path), "--out", str(tmp_path / "o")], path.name, reason)
+        assert err.endswith(")"), err  # a whole reason, not one cut off mid-word
 
 
 def test_output_folder_must_be_empty_unless_overwrite(files, tmp_path, capsys):

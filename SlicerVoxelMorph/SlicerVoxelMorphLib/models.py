@@ -3,6 +3,7 @@
 import hashlib
 import json
 import platform
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,13 @@ def read_model_file(path: str | Path) -> dict:
         raise InputError(f"model file not found: {path}")
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for foreign files
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # torch raises many kinds for foreign files, with long messages about its internals
+        if not zipfile.is_zipfile(path):
+            reason = "not a PyTorch file, or one damaged or truncated"
+        elif "weights only" in str(exc).lower():
+            reason = "it holds Python objects besides tensors and settings; they are never loaded, for safety"
+        else:
+            reason = "a PyTorch file, but damaged or truncated"
         raise InputError(f"{path} is not a SlicerVoxelMorph model file ({reason})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise InputError(f"{path} is not a SlicerVoxelMorph model file (no '{FORMAT}' record)")
