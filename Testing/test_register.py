@@ -300,3 +300,19 @@ def test_a_working_pair_brings_its_affine_and_is_rebuilt_for_another_network_spa
     result = register(fixed, fixed, model="none", working=stale, auto_refine=False, refine_steps=1)
     assert result.report["working_grid"]["size"] == list(expected.GetSize())
     assert result.report["affine_matrix_lps"] == images.affine_matrix(given).round(6).tolist()
+
+
+@pytest.mark.parametrize("settings,words", [
+    ({"refine_steps": -3}, ("refine", "-3")),
+    ({"similarity": "foo", "refine_steps": 1}, ("similarity", "foo")),
+    ({"fixed_points": np.zeros((2, 2)), "moving_points": np.zeros((2, 2))}, ("landmarks", "3")),
+    ({"fixed_points": np.full((1, 3), np.nan), "moving_points": np.zeros((1, 3))}, ("landmarks", "finite")),
+])
+def test_the_python_api_refuses_bad_settings_with_input_errors(pair, settings, words):
+    from SlicerVoxelMorphLib.errors import InputError
+
+    paths, _ = pair
+    fixed, moving = sitk.ReadImage(str(paths["fixed"])), sitk.ReadImage(str(paths["moving"]))
+    with pytest.raises(InputError) as error:
+        register(fixed, moving, model=None, **settings)
+    assert all(word in str(error.value) for word in words), error.value

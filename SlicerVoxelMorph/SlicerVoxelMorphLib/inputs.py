@@ -53,6 +53,11 @@ def check_inputs(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Im
     if (fixed_points is None) != (moving_points is None) or (
             fixed_points is not None and np.shape(fixed_points) != np.shape(moving_points)):
         raise InputError("landmarks: give fixed and moving points with the same number of rows, matched by row")
+    for points in (p for p in (fixed_points, moving_points) if p is not None):
+        if np.ndim(points) != 2 or np.shape(points)[1] != 3:
+            raise InputError(f"landmarks: points must be N x 3 (x, y, z in mm), not {np.shape(points)}")
+        if not np.isfinite(points).all():
+            raise InputError("landmarks: every coordinate must be finite")
     if fixed_mask is not None:
         fixed_mask = images.check_mask(fixed_mask, fixed, "fixed mask")
     if moving_mask is not None:

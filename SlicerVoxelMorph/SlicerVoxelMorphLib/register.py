@@ -37,7 +37,15 @@ from .preprocess import (
     level_factor,
     working_pair,
 )
-from .refine import SAME_CONTRAST_CORRELATION, Refiner, intensity_correlation, mask_interior, mind_ssc, same_head_score
+from .refine import (
+    SAME_CONTRAST_CORRELATION,
+    SIMILARITIES,
+    Refiner,
+    intensity_correlation,
+    mask_interior,
+    mind_ssc,
+    same_head_score,
+)
 
 NO_MODEL_FACTOR = 2  # without a model, refinement works on images at 2 mm ...
 COARSE_VELOCITY = 2  # ... and a velocity grid twice coarser still
@@ -162,6 +170,10 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     """
     clock = _Clock(progress)
     clock("check")
+    if refine_steps < 0:
+        raise InputError(f"refine steps must be >= 0, not {refine_steps}")
+    if similarity not in SIMILARITIES:
+        raise InputError(f"similarity must be one of {', '.join(SIMILARITIES)}, not {similarity!r}")
     checked = checked or check_inputs(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                                       fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=smoothness,
                                       fixed_points=fixed_points, moving_points=moving_points)
