@@ -32,9 +32,14 @@ def read_image(path: str | Path, what: str = "image") -> sitk.Image:
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"cannot read {what} {path}: {first}") from None
+        raise InputError(f"cannot read {what} {path}: {last_line(exc)}") from None
     return image
+
+
+def last_line(exc: Exception) -> str:
+    """The last line of an exception's message (ITK and nibabel put the reason there), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def read_freesurfer(path: Path, what: str = "image") -> sitk.Image:
@@ -45,8 +50,7 @@ def read_freesurfer(path: Path, what: str = "image") -> sitk.Image:
         volume = nib.load(str(path))
         array = np.asanyarray(volume.dataobj)
     except Exception as exc:  # nibabel raises many kinds (header, gzip, size) for a damaged file
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot read {what} {path}: {reason}") from None
+        raise InputError(f"cannot read {what} {path}: {last_line(exc)}") from None
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim != 3:
@@ -247,8 +251,7 @@ def _write_itk(image: sitk.Image, target: Path, path: Path, compress: bool) -> N
     try:
         sitk.WriteImage(image, str(target), useCompression=compress)
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
-        raise InputError(f"cannot write {path}: {reason}") from None
+        raise InputError(f"cannot write {path}: {last_line(exc)}") from None
 
 
 def write_freesurfer(image: sitk.Image, path: Path) -> None:
