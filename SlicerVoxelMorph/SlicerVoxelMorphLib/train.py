@@ -183,22 +183,20 @@ class Trainer:
                 ("--field-weight", c.field_weight, c.field_weight >= 0, ">= 0"),
                 ("--val-every", c.val_every, c.val_every > 0, "> 0"),
                 ("--checkpoint-every", c.checkpoint_every, c.checkpoint_every > 0, "> 0"),
-                ("--atlas-fraction", c.atlas_fraction, 0 <= c.atlas_fraction <= 1, "in [0, 1]")):
+                ("--atlas-fraction", c.atlas_fraction, 0 <= c.atlas_fraction <= 1, "in [0, 1]"),
+                ("--synth-fraction", c.synth_fraction, 0 <= c.synth_fraction <= 1, "in [0, 1]"),
+                ("--known-fraction", c.known_fraction, 0 <= c.known_fraction <= 1, "in [0, 1]"),
+                ("--csf-expansion", c.csf_expansion, 0 <= c.csf_expansion <= 1, "in [0, 1]"),
+                ("--ncc-weight", c.ncc_weight, c.ncc_weight >= 0, ">= 0")):
             if not valid:
                 raise InputError(f"{option} must be {rule}, not {value}")
         for option, path in (("--atlas", c.atlas), ("--atlas-labels", c.atlas_labels)):
             if path and not Path(path).is_file():
                 raise InputError(f"{option} file not found: {path}")
-        if not 0 <= c.synth_fraction <= 1:
-            raise InputError(f"--synth-fraction must be in [0, 1], not {c.synth_fraction}")
         if c.synth_fraction > 0 and not c.labels:
             raise InputError("synthesis (--synth-fraction > 0) needs training label maps (--labels)")
-        if not 0 <= c.known_fraction <= 1:
-            raise InputError(f"--known-fraction must be in [0, 1], not {c.known_fraction}")
         if c.known_fraction > 0 and c.synth_fraction == 0:
             raise InputError("--known-fraction is a share of the synthesised pairs: give --synth-fraction too")
-        if not 0 <= c.csf_expansion <= 1:
-            raise InputError(f"--csf-expansion must be in [0, 1], not {c.csf_expansion}")
         if not 0 <= c.rescan_fraction <= 1 - c.synth_fraction:
             raise InputError(f"--rescan-fraction must be in [0, 1 - synth fraction], not {c.rescan_fraction}")
         if c.rescan_fraction > 0 and (not c.labels or c.field_weight <= 0):
@@ -210,8 +208,6 @@ class Trainer:
         if (c.residual_stage or c.fine_stage) and not (c.init_model or c.all_stages):
             raise InputError("--residual-stage and --fine-stage train a stage on top of a trained model: "
                              "give --init-model (or --all-stages to train the whole cascade from scratch)")
-        if c.ncc_weight < 0:
-            raise InputError(f"--ncc-weight must be >= 0, not {c.ncc_weight}")
         if c.ncc_window < 3 or c.ncc_window % 2 == 0:
             raise InputError(f"--ncc-window must be an odd number of voxels >= 3, not {c.ncc_window}")
         if c.synth_fraction > 0 and c.dice_weight <= 0:
