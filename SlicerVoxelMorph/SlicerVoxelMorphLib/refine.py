@@ -20,6 +20,9 @@ from .layers import SpatialTransformer, displacement_from_velocity
 SIMILARITIES = ("auto", "ncc", "mind")
 SAME_CONTRAST_CORRELATION = 0.5  # 'auto': NCC above this global correlation, MIND below
 SAME_HEAD_WINDOW = 9  # voxels of the level the pair is compared at
+OPTIMIZERS = ("adam", "lbfgs")
+LBFGS_HISTORY = 10  # corrections L-BFGS keeps (torch's default 100 holds 100 copies of the velocity)
+LBFGS_TOLERANCE = 1e-7  # L-BFGS stops when the loss or the step changes less than this
 
 
 def intensity_correlation(moving: torch.Tensor, fixed: torch.Tensor) -> float:
@@ -97,10 +100,10 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
 
 @dataclass
 class Refiner:
-    """Adam on the velocity minimising similarity(fixed, moving o phi) + smooth_weight * grad(velocity)
-    + bending_weight * bending(velocity).
+    """Adam (or L-BFGS) on the velocity minimising similarity(fixed, moving o phi) + smooth_weight *
+    grad(velocity) + bending_weight * bending(velocity).
 
-    Stops early when the loss has not improved by ``tolerance`` (relative) over ``patience`` steps.
+    Adam stops early when the loss has not improved by ``tolerance`` (relative) over ``patience`` steps.
     """
 
     steps: int = 100
@@ -114,6 +117,7 @@ class Refiner:
     patience: int = 10
     tolerance: float = 1e-3
     int_steps: int = 7
+    optimizer: str = "adam"  # or "lbfgs": steps are then loss evaluations (lr, patience, tolerance unused)
 
     def execute(self, velocity: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
                 progress: Callable[[str, float], None] | None = None, fixed_mask: torch.Tensor | None = None,
@@ -122,12 +126,13 @@ class Refiner:
         Adam's first steps move even a velocity that is already optimal by about ``lr``) and a record:
         similarity used, steps run, first, last and lowest loss. Masks (0/1, on the images' grid) restrict the
         similarity to voxels inside the fixed mask whose warped position lies inside the moving mask."""
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         similarity = choose_similarity(self.similarity, moving, fixed)
         if self.velocity_factor > 1:
             velocity = self.velocity_factor * F.interpolate(velocity, scale_factor=self.velocity_factor,
                                                             mode="trilinear", align_corners=False)
         velocity = velocity.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([velocity], lr=self.lr)
         warp = SpatialTransformer()
         size = tuple(fixed.shape[2:])
         if similarity == "mind":
@@ -153,6 +158,18 @@ class Refiner:
                 penalty = penalty + self.bending_weight * losses.bending(velocity)
             return match + penalty
 
+        run = self._lbfgs if self.optimizer == "lbfgs" else self._adam
+        history, best, best_loss = run(velocity, objective, progress)
+        record = {"similarity": similarity, "velocity_grid": list(best.shape[2:]), "steps_run": len(history),
+                  "loss_first": round(history[0], 6) if history else None,
+                  "loss_last": round(history[-1], 6) if history else None,
+                  "loss_best": round(best_loss, 6) if history else None, "optimizer": self.optimizer}
+        return best, record
+
+    def _adam(self, velocity: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
+              progress: Callable[[str, float], None] | None) -> tuple[list[float], torch.Tensor, float]:
+        """Adam for up to ``steps`` steps with early stopping; (losses, velocity of the lowest, lowest)."""
+        optimizer = torch.optim.Adam([velocity], lr=self.lr)
         history: list[float] = []
         best, best_loss = velocity.detach().clone(), math.inf
         for step in range(self.steps):
@@ -173,8 +190,31 @@ class Refiner:
                 last = objective(velocity).item()
             if last < best_loss:
                 best, best_loss = velocity.detach().clone(), last
-        record = {"similarity": similarity, "velocity_grid": list(best.shape[2:]), "steps_run": len(history),
-                  "loss_first": round(history[0], 6) if history else None,
-                  "loss_last": round(history[-1], 6) if history else None,
-                  "loss_best": round(best_loss, 6) if history else None}
-        return best, record
+        return history, best, best_loss
+
+    def _lbfgs(self, velocity: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
+               progress: Callable[[str, float], None] | None) -> tuple[list[float], torch.Tensor, float]:
+        """L-BFGS with a strong Wolfe line search for up to ``steps`` loss evaluations (each costs an Adam
+        step); every velocity evaluated, line-search trials included, may be the lowest returned. Stops
+        when the gradient vanishes or the loss stops changing."""
+        optimizer = torch.optim.LBFGS([velocity], lr=1, max_iter=self.steps, max_eval=self.steps,
+                                      history_size=LBFGS_HISTORY, line_search_fn="strong_wolfe",
+                                      tolerance_change=LBFGS_TOLERANCE)
+        history: list[float] = []
+        best, best_loss = velocity.detach().clone(), math.inf
+
+        def closure() -> torch.Tensor:
+            nonlocal best, best_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective(velocity)
+            loss.backward()
+            history.append(loss.item())
+            if history[-1] < best_loss:  # the line search sets the velocity to each point it tries
+                best, best_loss = velocity.detach().clone(), history[-1]
+            if progress is not None:
+                progress("refine", min(len(history) / self.steps, 1.0))
+            return loss
+
+        if self.steps > 0:
+            optimizer.step(closure)
+        return history, best, best_loss

@@ -67,8 +67,11 @@ RESCUE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0,
 # at lr 0.1: 0.441, 0.435, 0.440; bending 1.0: 0.490, 0.483, 0.479; on S35 bending 0.1 0.530, 0.03 0.709. Bending 3
 # and 10 at lr 0.1 on S35, and 0.3 at lr 0.1 on the 48^3 phantom of the tests, made Adam diverge (the identity was
 # kept); at lr 0.05 the phantom converges (0.44 mm, gradient penalty 0.49) and S35 reaches 0.467 in 100 steps, 0.440
-# in 135 of up to 150
-SAME_HEAD = {**RESCUE, "steps": 150, "lr": 0.05, "smooth_weight": 0.0, "bending_weight": 0.3}
+# in 135 of up to 150. L-BFGS (strong Wolfe line search) instead of Adam, S35, S36, S37 from the identity, one loss
+# evaluation costing what an Adam step does (1 thread, /tmp probes, 2026-12-04): Adam's 138, 111, 113 steps (early
+# stop) 0.513, 0.513, 0.506 mm in 31, 25, 24 s of refinement; L-BFGS' 70 evaluations 0.507, 0.515, 0.510 mm in 16,
+# 16, 15 s (on S35: 40 evaluations 0.563 mm, 60 0.512, 80 0.493)
+SAME_HEAD = {**RESCUE, "steps": 70, "optimizer": "lbfgs", "smooth_weight": 0.0, "bending_weight": 0.3}
 # the network's result is refined with the accurate preset when it lowers the MIND-SSC distance of the affinely
 # aligned pair to more than this fraction (network / affine only): LPBA40 T1 pairs, bundled model (/tmp probes,
 # 2026-12-02): S11..S34 -> S01 0.654-0.803, S35..S40 -> S01 0.720-0.785 (FLAIR-like 0.735-0.786, monotone curve
