@@ -191,7 +191,10 @@ def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
 # head (2.36-2.37 L) against S35..S40's brains: 1.72-2.20 (the head variant as corrected in commit 76818d9; it
 # measured 1.74-2.37 before). Between 1.49 and 1.72
 HEAD_VOLUME_RATIO = 1.6
-HEAD_CHECK_SHRINK = 4  # the volumes are compared on images averaged in 4x4x4 blocks (0.18 s -> ms)
+# the moving image's extent, mapped by the affine, holds at least this share of the fixed image's object (or mask)
+# for a whole view; less and the pair is registered on the part both show
+FULL_VIEW_SHARE = 0.98
+CHECK_SHRINK = 4  # head volumes and the moving view are judged on images averaged in 4x4x4 blocks (0.18 s -> ms)
 
 
 @dataclass
@@ -203,12 +206,13 @@ class Alignment:
     moving_mask: sitk.Image | None
     head_side: str | None  # 'fixed' or 'moving': the image that shows a head around the other's stripped brain
     orientations: "PairOrientation | None" = None  # the anatomy's orientations the affine started from
+    view_share: float | None = None  # share of the fixed object in the moving image's view, when partial
 
 
 def head_side(fixed: sitk.Image, moving: sitk.Image) -> str | None:
     """'moving' when the moving image's object (``object_mask``) is HEAD_VOLUME_RATIO times the fixed one's or
     more in volume (a head against a skull-stripped brain), 'fixed' for the reverse, None otherwise."""
-    coarse = [sitk.BinShrink(image, [HEAD_CHECK_SHRINK] * 3) for image in (fixed, moving)]  # 4x4x4 means
+    coarse = [sitk.BinShrink(image, [CHECK_SHRINK] * 3) for image in (fixed, moving)]  # 4x4x4 means
     volumes = [object_mask(image).sum() * float(np.prod(image.GetSpacing())) for image in coarse]
     if volumes[1] >= HEAD_VOLUME_RATIO * volumes[0]:
         return "moving"
@@ -235,7 +239,36 @@ def align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float]
         moving_mask = resample(fixed_mask, moving, transform.GetInverse(), labels=True)
     elif side == "fixed":
         fixed_mask = resample(moving_mask, fixed, transform, labels=True)
-    return Alignment(transform, fixed_mask, moving_mask, side, orientations)
+    share = view_share(fixed, moving, transform, fixed_mask, CHECK_SHRINK)
+    if share >= FULL_VIEW_SHARE:
+        return Alignment(transform, fixed_mask, moving_mask, side, orientations)
+    # a moving image that shows part of what the fixed one does (a slab, a cut-off cerebellum): the network and
+    # the refinement see the fixed image in that part only, else they stretch the part onto the whole
+    fixed_object = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else object_mask(fixed)
+    seen = fixed_object & moving_view(fixed, moving, transform)
+    share = float(seen.sum() / max(fixed_object.sum(), 1))  # on the full grid (the check above is on blocks)
+    return Alignment(transform, _mask_image(seen, fixed), moving_mask, side, orientations, share)
+
+
+def view_share(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, fixed_mask: sitk.Image | None = None,
+               shrink: int = 1) -> float:
+    """The share of the fixed image's object (or of ``fixed_mask``) inside the moving image's view
+    (``moving_view``), judged on the fixed grid averaged in ``shrink``-wide blocks."""
+    if fixed_mask is not None:
+        fixed_object = sitk.GetArrayViewFromImage(sitk.BinShrink(sitk.Cast(fixed_mask > 0, sitk.sitkFloat32),
+                                                                 [shrink] * 3)) >= 0.5
+        fixed = sitk.BinShrink(fixed, [shrink] * 3)
+    else:
+        fixed = sitk.BinShrink(fixed, [shrink] * 3)
+        fixed_object = object_mask(fixed)
+    return float((fixed_object & moving_view(fixed, moving, transform)).sum() / max(fixed_object.sum(), 1))
+
+
+def moving_view(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """Fixed voxels (K, J, I) bool whose point ``transform`` maps inside the moving image's extent."""
+    inside = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    inside.CopyInformation(moving)
+    return sitk.GetArrayFromImage(sitk.Resample(inside, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
 
 
 def object_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
