@@ -310,7 +310,8 @@ def test_dice_table_rows_follow_the_report():
         **report, "auto_refined": True, "auto_refine_reason": "network weaker than on its training data"})
     assert "did not improve" in scene.summary_text({**report, "auto_refined": True})
     assert "moving volume's skull and scalp were masked" in scene.summary_text({**report, "head_masked": "moving"})
-    assert "shows 42 % of the fixed one" in scene.summary_text({**report, "moving_view_share": 0.423})
+    assert "moving volume shows 42 % of the fixed one" in scene.summary_text({**report, "moving_view_share": 0.423})
+    assert "fixed volume shows 80 % of the moving one" in scene.summary_text({**report, "fixed_view_share": 0.8})
     assert "% of the fixed one" not in text
     assert "header" not in text and "header" not in scene.summary_text(
         {**report, "orientation": {"header_matches_anatomy": True}})

@@ -207,6 +207,7 @@ class Alignment:
     head_side: str | None  # 'fixed' or 'moving': the image that shows a head around the other's stripped brain
     orientations: "PairOrientation | None" = None  # the anatomy's orientations the affine started from
     view_share: float | None = None  # share of the fixed object in the moving image's view, when partial
+    fixed_view_share: float | None = None  # share of the moving object in the fixed image's view, when partial
 
 
 def head_side(fixed: sitk.Image, moving: sitk.Image) -> str | None:
@@ -239,15 +240,22 @@ def align(fixed: sitk.Image, moving: sitk.Image, progress: Callable[[str, float]
         moving_mask = resample(fixed_mask, moving, transform.GetInverse(), labels=True)
     elif side == "fixed":
         fixed_mask = resample(moving_mask, fixed, transform, labels=True)
-    share = view_share(fixed, moving, transform, fixed_mask, CHECK_SHRINK)
-    if share >= FULL_VIEW_SHARE:
-        return Alignment(transform, fixed_mask, moving_mask, side, orientations)
-    # a moving image that shows part of what the fixed one does (a slab, a cut-off cerebellum): the network and
-    # the refinement see the fixed image in that part only, else they stretch the part onto the whole
-    fixed_object = sitk.GetArrayViewFromImage(fixed_mask) > 0 if fixed_mask is not None else object_mask(fixed)
-    seen = fixed_object & moving_view(fixed, moving, transform)
-    share = float(seen.sum() / max(fixed_object.sum(), 1))  # on the full grid (the check above is on blocks)
-    return Alignment(transform, _mask_image(seen, fixed), moving_mask, side, orientations, share)
+    fixed_mask, moving_share = _within_view(fixed, fixed_mask, moving, transform)
+    moving_mask, fixed_share = _within_view(moving, moving_mask, fixed, transform.GetInverse())
+    return Alignment(transform, fixed_mask, moving_mask, side, orientations, moving_share, fixed_share)
+
+
+def _within_view(image: sitk.Image, mask: sitk.Image | None, other: sitk.Image,
+                 transform: sitk.Transform) -> tuple[sitk.Image | None, float | None]:
+    """``mask`` as it is and None when the ``other`` image (``transform``: image points to its points) shows
+    FULL_VIEW_SHARE of ``image``'s object (or mask) or more; else the object (or mask) within the other's view
+    and the share shown. An image that shows part of what the other does (a slab, a cut-off cerebellum) leaves the
+    other's remainder out of the network's and the refinement's sight, else they stretch the part onto the whole."""
+    if view_share(image, other, transform, mask, CHECK_SHRINK) >= FULL_VIEW_SHARE:
+        return mask, None
+    image_object = sitk.GetArrayViewFromImage(mask) > 0 if mask is not None else object_mask(image)
+    seen = image_object & moving_view(image, other, transform)
+    return _mask_image(seen, image), float(seen.sum() / max(image_object.sum(), 1))  # full grid (the check: blocks)
 
 
 def view_share(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, fixed_mask: sitk.Image | None = None,

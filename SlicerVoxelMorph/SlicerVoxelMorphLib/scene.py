@@ -185,9 +185,10 @@ def summary_text(report: dict) -> str:
         parts.append(f"folding {report['folding_percent']:.3f} %")
     if report.get("head_masked"):
         parts.append(f"the {report['head_masked']} volume's skull and scalp were masked by the other's brain outline")
-    if report.get("moving_view_share") is not None:
-        parts.append(f"the moving volume shows {100 * report['moving_view_share']:.0f} % of the fixed one (registered "
-                     "on the part both show)")
+    for side, other in (("moving", "fixed"), ("fixed", "moving")):
+        if report.get(f"{side}_view_share") is not None:
+            parts.append(f"the {side} volume shows {100 * report[f'{side}_view_share']:.0f} % of the {other} one "
+                         "(registered on the part both show)")
     orientation = report.get("orientation", {})
     if orientation.get("header_matches_anatomy") is False:
         parts.append("the fixed volume's header does not give its anatomy's directions right (the network saw the "
