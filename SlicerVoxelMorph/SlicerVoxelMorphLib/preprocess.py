@@ -191,8 +191,8 @@ def foreground_mask(image: sitk.Image, fraction: float = 0.05) -> np.ndarray:
 # head (2.36-2.37 L) against S35..S40's brains: 1.72-2.20 (the head variant as corrected in commit 76818d9; it
 # measured 1.74-2.37 before). Between 1.49 and 1.72
 HEAD_VOLUME_RATIO = 1.6
-# the moving image's extent, mapped by the affine, holds at least this share of the fixed image's object (or mask)
-# for a whole view; less and the pair is registered on the part both show
+# one image's extent, mapped by the affine, holds at least this share of the other's object (or mask) for a whole
+# view; less and the pair is registered on the part both show (``_within_view``)
 FULL_VIEW_SHARE = 0.98
 CHECK_SHRINK = 4  # head volumes and the moving view are judged on images averaged in 4x4x4 blocks (0.18 s -> ms)
 
@@ -206,7 +206,7 @@ class Alignment:
     moving_mask: sitk.Image | None
     head_side: str | None  # 'fixed' or 'moving': the image that shows a head around the other's stripped brain
     orientations: "PairOrientation | None" = None  # the anatomy's orientations the affine started from
-    view_share: float | None = None  # share of the fixed object in the moving image's view, when partial
+    moving_view_share: float | None = None  # share of the fixed object in the moving image's view, when partial
     fixed_view_share: float | None = None  # share of the moving object in the fixed image's view, when partial
 
 
@@ -262,12 +262,11 @@ def view_share(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
                shrink: int = 1) -> float:
     """The share of the fixed image's object (or of ``fixed_mask``) inside the moving image's view
     (``moving_view``), judged on the fixed grid averaged in ``shrink``-wide blocks."""
+    fixed = sitk.BinShrink(fixed, [shrink] * 3)
     if fixed_mask is not None:
         fixed_object = sitk.GetArrayViewFromImage(sitk.BinShrink(sitk.Cast(fixed_mask > 0, sitk.sitkFloat32),
                                                                  [shrink] * 3)) >= 0.5
-        fixed = sitk.BinShrink(fixed, [shrink] * 3)
     else:
-        fixed = sitk.BinShrink(fixed, [shrink] * 3)
         fixed_object = object_mask(fixed)
     return float((fixed_object & moving_view(fixed, moving, transform)).sum() / max(fixed_object.sum(), 1))
 

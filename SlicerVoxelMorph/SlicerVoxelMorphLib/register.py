@@ -207,7 +207,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         warnings.warn(f"the {aligned.head_side} image shows a head (skull, scalp) around a brain that the other shows "
                       "skull-stripped: aligning and registering the brains only (the other's outline masks it)",
                       RuntimeWarning, stacklevel=2)
-    for shown, side, other in ((aligned.view_share, "moving", "fixed"), (aligned.fixed_view_share, "fixed", "moving")):
+    views = ((aligned.moving_view_share, "moving", "fixed"), (aligned.fixed_view_share, "fixed", "moving"))
+    for shown, side, other in views:
         if shown is not None:
             warnings.warn(f"the {side} image shows {100 * shown:.0f} % of what the {other} one does (its field of "
                           "view): registering the part both show; outside it the deformation fades out",
@@ -306,7 +307,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         **({"same_head": same_head} if same_head is not None else {}),
         **({"intensity_correlation": round(correlation, 3)} if correlation is not None else {}),
         **({"head_masked": aligned.head_side} if aligned.head_side is not None else {}),
-        **({"moving_view_share": round(aligned.view_share, 3)} if aligned.view_share is not None else {}),
+        **({"moving_view_share": round(aligned.moving_view_share, 3)} if aligned.moving_view_share is not None else {}),
         **({"fixed_view_share": round(aligned.fixed_view_share, 3)} if aligned.fixed_view_share is not None else {}),
         **({"orientation": (orientations or PairOrientation(anatomy)).as_report()} if anatomy is not None else {}),
         "affine_matrix_lps": images.affine_matrix(transform).round(6).tolist(),
