@@ -254,7 +254,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     auto_reason = None
     if accurate:
         refiner = Refiner(**settings)
-    elif refine_steps > 0:  # experts' --refine N: exactly N steps (no early stop) with the preset's settings
+    elif refine_steps > 0:  # experts' --refine N: N Adam steps (no early stop), or at most N L-BFGS evaluations
         refiner = Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
     elif auto_refine and one_head:
         warnings.warn(f"the images look like two scans of one head (score {same_head['score']:.2f}): the network, "
