@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from SlicerVoxelMorphLib.errors import InputError
-from SlicerVoxelMorphLib.models import BUNDLED, content_hash, load_model, read_model_file, save_model
+from SlicerVoxelMorphLib.models import (
+    BUNDLED,
+    DEFAULT_MODEL,
+    content_hash,
+    load_model,
+    read_model_file,
+    same_head_model,
+    save_model,
+)
 from SlicerVoxelMorphLib.networks import VxmDense
 
 
@@ -128,6 +136,15 @@ def test_bundled_model_when_present_is_valid():
     net, record = load_model(BUNDLED)
     assert record["training"]["iterations"] > 0 and record["spacing_mm"] > 0
     assert isinstance(net, VxmDense)
+
+
+def test_the_same_head_network_goes_with_the_default_model_only_and_sees_its_image_level():
+    """register() swaps networks after the default model's working pair and image level are built."""
+    path = same_head_model("bundled")
+    assert path is not None and path.parent == BUNDLED.parent
+    assert all(same_head_model(choice) is None for choice in (DEFAULT_MODEL, "lpba40", "none", None, str(path)))
+    same_head, default = read_model_file(path), read_model_file(BUNDLED)
+    assert same_head["spacing_mm"] == default["spacing_mm"] and same_head["normalisation"] == default["normalisation"]
 
 
 @pytest.mark.parametrize(("key", "value"), [("spacing_mm", 1.0), ("config", {"features": "vm2", "half_res": True,

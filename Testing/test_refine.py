@@ -13,7 +13,7 @@ from conftest import phantom, write_phantom_pair
 from SlicerVoxelMorphLib import metrics
 from SlicerVoxelMorphLib.cli import main
 from SlicerVoxelMorphLib.layers import SpatialTransformer, displacement_from_velocity
-from SlicerVoxelMorphLib.models import save_model
+from SlicerVoxelMorphLib.models import DEFAULT_MODEL, SAME_HEAD_MODEL, save_model
 from SlicerVoxelMorphLib.networks import VxmDense
 from SlicerVoxelMorphLib.preprocess import normalise
 from SlicerVoxelMorphLib.refine import (
@@ -195,7 +195,10 @@ def test_lbfgs_keeps_to_its_evaluation_budget_and_optimises_further_than_adam_wi
     assert _dice(fixed_labels, moving_labels, lbfgs) > _dice(fixed_labels, moving_labels, start) + 0.1
 
 
-def test_two_scans_of_one_head_are_refined_and_recover_the_known_field(tmp_path, capsys):
+def test_two_scans_of_one_head_are_registered_by_the_same_head_network_and_refined(tmp_path, capsys):
+    """The default model hands a pair it takes for two scans of one head to the bundled network trained on such
+    pairs, whose field alone recovers a known deformation, and the safety net refines that field further; a model
+    chosen by name keeps the pair (the same-head refinement then starts from the identity)."""
     import SimpleITK as sitk
 
     paths, field = write_phantom_pair(tmp_path, shape=(48, 48, 48), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
@@ -204,34 +207,40 @@ def test_two_scans_of_one_head_are_refined_and_recover_the_known_field(tmp_path,
     truth = sitk.GetArrayFromImage(field)
     inside = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["fixed_labels"]))) > 0
 
-    def error(out) -> float:  # mean end-point error (mm) against the known field inside the phantom
-        found = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.nii.gz")))
-        return float(np.linalg.norm(found - truth, axis=-1)[inside].mean())
+    def run(name: str, *options: str) -> tuple[dict, float]:
+        """Report and mean end-point error (mm) against the known field inside the phantom."""
+        assert main([*base, *options, "--out", str(tmp_path / name)]) == 0
+        found = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name / "displacement.nii.gz")))
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        return report, float(np.linalg.norm(found - truth, axis=-1)[inside].mean())
 
-    assert main([*base, "--no-auto-refine", "--out", str(tmp_path / "raw")]) == 0
-    raw = json.loads((tmp_path / "raw" / "report.json").read_text())
-    assert raw["same_head"]["detected"] and "refinement" not in raw
-    capsys.readouterr()
-    assert main([*base, "--out", str(tmp_path / "safe")]) == 0
-    assert "two scans of one head" in capsys.readouterr().err
-    safe = json.loads((tmp_path / "safe" / "report.json").read_text())
-    assert safe["auto_refined"] and safe["auto_refine_reason"] == "same head"
     before = float(np.linalg.norm(truth, axis=-1)[inside].mean())
-    assert error(tmp_path / "safe") < min(error(tmp_path / "raw"), before) - 0.3, (before, error(tmp_path / "raw"))
+    raw, raw_error = run("raw", "--no-auto-refine")
+    assert raw["same_head"]["detected"] and raw["model"] == raw["same_head"]["model"] == SAME_HEAD_MODEL
+    assert "refinement" not in raw
+    assert raw_error < before - 0.3, (before, raw_error)
+    other, other_error = run("other", "--no-auto-refine", "--model", DEFAULT_MODEL)
+    assert other["model"] == DEFAULT_MODEL and "model" not in other["same_head"]
+    assert other_error > raw_error + 0.1, (other_error, raw_error)
+    capsys.readouterr()
+    safe, safe_error = run("safe")
+    assert "two scans of one head" in capsys.readouterr().err
+    assert safe["auto_refined"] and safe["auto_refine_reason"] == "same head" and safe["model"] == SAME_HEAD_MODEL
+    assert safe_error < raw_error, (safe_error, raw_error)
 
 
 def test_an_image_registered_to_itself_is_left_exactly_where_it_is(tmp_path):
-    """Two scans of one head are refined from the identity, not from the network's field (for such pairs no
-    better than none; not zero for the same image twice), and the refinement returns the velocity of lowest
-    loss, not Adam's last step (its first steps move an optimal velocity by about its learning rate): with
-    MIND-SSC, whose distance is 0 at the identity for the same image twice, no deformation at all."""
+    """With an inter-subject network chosen by name, two scans of one head are refined from the identity, not from
+    the network's field (for such pairs no better than none; not zero for the same image twice), and the
+    refinement returns the velocity of lowest loss, not the optimiser's last step: with MIND-SSC, whose distance
+    is 0 at the identity for the same image twice, no deformation at all."""
     import SimpleITK as sitk
 
     paths, _ = write_phantom_pair(tmp_path, shape=(48, 48, 48), spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0),
                                   amplitude=4.0, field_seed=3, sigma_mm=16.0, phantom_seed=5)
     out = tmp_path / "self"
     assert main(["register", "--fixed", str(paths["fixed"]), "--moving", str(paths["fixed"]), "--no-affine",
-                 "--similarity", "mind", "--quiet", "--out", str(out)]) == 0
+                 "--model", DEFAULT_MODEL, "--similarity", "mind", "--quiet", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["auto_refine_reason"] == "same head" and report["refinement"]["loss_best"] == 0
     assert report["alignment"]["network"] > 0  # the network's own field was not the identity

@@ -304,6 +304,10 @@ def test_dice_table_rows_follow_the_report():
     assert "refined" not in text
     assert "two scans of one head" in scene.summary_text({**report, "auto_refined": True,
                                                           "auto_refine_reason": "same head"})
+    assert "network trained on such pairs" in scene.summary_text(
+        {**report, "same_head": {"score": 0.95, "detected": True, "model": "same_head"}})
+    assert "network trained on such pairs" not in scene.summary_text(
+        {**report, "same_head": {"score": 0.95, "detected": True}})
     assert "different contrasts" in scene.summary_text({**report, "auto_refined": True,
                                                         "auto_refine_reason": "two contrasts"})
     assert "less well than its training data" in scene.summary_text({

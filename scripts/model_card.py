@@ -51,10 +51,34 @@ LIMITS_SYNTH = """\
 - {velocity}
 - Two scans of the same head (follow-up, a deformed copy): the network alone does not recover their
   fine deformation; the default safety net recognises such pairs and refines them (whole-head proxy
-  above); `--no-auto-refine` gives the network's result alone.
+  above), and `--model bundled` hands them to the `same_head` network (its card), trained on such pairs.
 - The figures above are on LPBA40 validation subjects with remapped contrasts and synthetic heads, not on
   real other-contrast scans or an independent test set."""
 
+
+INTENDED_USE_SAME_HEAD = """\
+Two scans of one adult head, T1-, T2- or FLAIR-like, skull-stripped or with skull and scalp (a follow-up, a
+rescan, a deformed copy), after the engine's affine pre-alignment. `--model bundled` (the default, and Slicer's
+bundled model) hands a pair to this network when it takes it for two scans of one head (`same_head_score`);
+`--model same_head` uses it for any pair. Not for two different subjects: it was never trained on them. Research
+use only: not a medical device, not validated for clinical decisions."""
+
+LIMITS_SAME_HEAD = """\
+- Trained on 24 LPBA40 subjects (healthy young adults) under random smooth deformations of a few millimetres;
+  heads and contrasts are synthetic. Real rescans differ by more than a deformation (noise, bias, motion,
+  another protocol): check the result; the default safety net refines this network's field.
+- Between two different subjects it aligns structures worse than the inter-subject default (validation
+  above).
+- The network sees images at 2 mm and predicts a velocity at 4 mm."""
+
+RESCAN_PAIRS = """\
+- {share:.0%} of iterations on two scans of one head (`variants.rescan_pair`): a real training image, with head
+  layers (CSF rim, skull, scalp: random thickness 1-8 mm and brightness) drawn around the brain in 50 %, the
+  contrast of both remapped the same way in 30 %, and a copy of it under a random smooth deformation (stationary
+  velocity, SD 2 voxels, with a small affine: rotation +-2 deg, scale +-0.02, shear +-0.01); loss: {weight} x the
+  squared end-point error (voxels at the network level) against that known field inside the fixed head, plus the
+  label and smoothness terms below (no image similarity)
+- warm start: {init}"""
 
 KNOWN_PAIRS = """\
   of those, {share:.0%} drawn from one label map (head layers included) and a copy of it deformed by a
@@ -62,10 +86,12 @@ KNOWN_PAIRS = """\
   end-point error (voxels at the network level) against that known field inside the fixed head"""
 
 
-def render(name: str, record: dict, evaluation: str | None) -> str:
-    """The card's markdown text for the model called ``name``."""
+def render(name: str, record: dict, evaluation: str | None, run: str | None = None) -> str:
+    """The card's markdown text for the model called ``name``, trained by the run ``training/<run>`` (by default
+    the run named in its record)."""
     t = record["training"]
     c = t["config"]
+    rescan_only = c.get("rescan_fraction") == 1
     v = record.get("validation", {})
     lines = [
         f"# Model card: {name}",
@@ -112,20 +138,25 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
             if c.get("residual_stage") else f"- warm start: {c['init_model']}"),
            f"- the other {1 - c['synth_fraction']:.0%}: real pairs as below"]
           if c.get("synth_fraction") else []),
-        ("- pairs: all to the atlas" if c["mode"] == "atlas" else
-         f"- pairs: scan-to-scan, {c['atlas_fraction']:.0%} of pairs to the atlas" if t["atlas"] else
-         "- pairs: scan-to-scan between training subjects"),
-        f"- loss: NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness of the velocity "
-        f"+ {c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration",
+        *([RESCAN_PAIRS.format(share=c["rescan_fraction"], weight=c["field_weight"], init=c["init_model"])]
+          if c.get("rescan_fraction") else []),
+        *([f"- label and smoothness terms: {c['smooth_weight']} x gradient smoothness of the velocity + "
+           f"{c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration"]
+          if rescan_only else [
+            "- pairs: all to the atlas" if c["mode"] == "atlas" else
+            f"- pairs: scan-to-scan, {c['atlas_fraction']:.0%} of pairs to the atlas" if t["atlas"] else
+            "- pairs: scan-to-scan between training subjects",
+            f"- loss: NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness of the velocity "
+            f"+ {c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration"]),
         *([f"- every pair, synthesised and real: + {c['tissue_weight']} x the soft Dice of the brain's tissue "
            "classes (`synth.tissue_map`: CSF inside and outside the labelled structures, grey and white matter)"]
           if c.get("tissue_weight") else []),
-        "- augmentation: " + ("small random affine on the moving image, gamma and noise on both"
-                              if c["augment"] else "none"),
+        *([] if rescan_only else ["- augmentation: " + ("small random affine on the moving image, gamma and noise "
+                                                        "on both" if c["augment"] else "none")]),
         f"- Adam, learning rate {c['lr']}, batch 1, seed {c['seed']}",
         f"- iterations: {t['iterations']}, training wall time {t['seconds'] / 3600:.2f} h on {t['hardware']}",
         f"- library versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}",
-        f"- command: see `training/{record['name']}/COMMAND` in the repository; resume with `--resume`.",
+        f"- command: see `training/{run or record['name']}/COMMAND` in the repository; resume with `--resume`.",
         "",
         "## Validation (during training, no affine, network only, at the iteration of this file)",
         f"- mean Dice over labels, validation pairs "
@@ -144,6 +175,8 @@ def render(name: str, record: dict, evaluation: str | None) -> str:
     if evaluation:
         lines += ["## Evaluation (measured with the full `register` pipeline)", evaluation.strip(), ""]
     synthetic = bool(c.get("synth_fraction"))
+    if rescan_only:
+        return "\n".join([*lines, "## Intended use", INTENDED_USE_SAME_HEAD, "", "## Limits", LIMITS_SAME_HEAD, ""])
     velocity = ("The network sees images at 2 mm; its first two stages predict a velocity at 4 mm, the third "
                 "corrects it at 2 mm." if c.get("fine_stage") else
                 "The network sees images at 2 mm and predicts a velocity at 4 mm.")
@@ -157,9 +190,11 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("card")
     parser.add_argument("--evaluation", help="markdown file with measured results to include")
+    parser.add_argument("--run", help="the training run's folder under training/ (default: the name in the record)")
     args = parser.parse_args()
     evaluation = Path(args.evaluation).read_text() if args.evaluation else None
-    Path(args.card).write_text(render(Path(args.card).stem, read_model_file(args.model), evaluation))
+    Path(args.card).write_text(render(Path(args.card).stem, read_model_file(args.model), evaluation,
+                                            args.run))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ SEALED = ("config", "spacing_mm", "normalisation")  # what the network's output 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 DEFAULT_MODEL = "synth_fine"  # the file bundled/<name>.pt that --model bundled means
 BUNDLED = BUNDLED_DIR / f"{DEFAULT_MODEL}.pt"
+SAME_HEAD_MODEL = "same_head"  # the bundled model that --model bundled uses for two scans of one head
 
 
 def versions() -> dict[str, str]:
@@ -99,6 +100,13 @@ def load_model(path: str | Path) -> tuple[VxmDense, dict]:
 def bundled_names() -> list[str]:
     """Names of the bundled models (files bundled/<name>.pt)."""
     return sorted(p.stem for p in BUNDLED_DIR.glob("*.pt"))
+
+
+def same_head_model(model: str | Path | None) -> Path | None:
+    """The network for two scans of one head that goes with a ``--model`` value: the bundled one for 'bundled'
+    (a follow-up, a deformed copy: trained on such pairs only, its card), none for any other choice."""
+    path = BUNDLED_DIR / f"{SAME_HEAD_MODEL}.pt"
+    return path if str(model) == "bundled" and path.is_file() else None
 
 
 def resolve_model(model: str | Path | None) -> Path | None:

@@ -25,7 +25,7 @@ from .layers import (
     sample_at,
     sample_on_grid,
 )
-from .models import load_model, resolve_model, versions
+from .models import load_model, resolve_model, same_head_model, versions
 from .orientation import AnatomyOrientation, PairOrientation, pair_orientations
 from .preprocess import (
     WORKING_SPACING_MM,
@@ -90,7 +90,9 @@ ALIGNMENT_STRIDE = 2
 # with a head 0.935-1.061, heads of two subjects 0.600-0.741, a head against another subject's skull-stripped brain,
 # judged inside the masks, 0.648-0.847). The network, trained on different subjects, does not recover such a pair's
 # deformation (S35, S36: mean end-point error 2.18 -> 2.31 mm in the brain); refinement does (SAME_HEAD), so such
-# pairs are refined.
+# pairs are refined, and the default model hands them to a network trained on such pairs only (bundled/same_head.md).
+# Refinement from its field or from the identity, S35 of benchmarks/head_field.py, 70 L-BFGS evaluations, 1 thread
+# beside a training run (/tmp probe, 2026-12-04): 0.500 mm in 36 s against 0.507 mm in 39 s; 35 from its field 0.570.
 SAME_HEAD_SCORE = 0.90
 # two contrasts (intensity correlation of the affinely aligned pair at or below SAME_CONTRAST_CORRELATION, where the
 # refinement would pick MIND-SSC): the network alone reaches less than on one contrast (LPBA40 S35..S40 -> S01,
@@ -152,7 +154,9 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     see SAME_HEAD_SCORE) or ``refine_steps`` steps with the same settings, ``similarity`` 'auto', 'ncc' or 'mind';
     with ``auto_refine`` the network's result is refined with SAME_HEAD when the pair looks like two scans of one
     head, with ACCURATE when its contrasts differ, with RESCUE when it does not improve on the affine alignment
-    (a warning says so).
+    (a warning says so). With the default model ('bundled') a pair that looks like two scans of one head is
+    registered by the bundled network trained on such pairs (``models.same_head_model``), whose field the
+    SAME_HEAD refinement continues; with any other network that refinement starts from the identity.
     The working grid's axes follow the fixed brain's anatomy whatever its header says, and when the two headers
     disagree about where the anatomy lies the affine starts from the turn between them (``orientation``).
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
@@ -247,8 +251,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         score = same_head_score(m_small, f_small, region)
         same_head = {"score": round(score, 3), "detected": score >= SAME_HEAD_SCORE}
         correlation = intensity_correlation(m_small, f_small)
-    # two scans of one head: the network's field is no better than none, so refinement starts from the identity
     one_head = same_head is not None and same_head["detected"]
+    # two scans of one head: with the default model, the network trained on such pairs registers them (same image
+    # level: both work at 2 mm); any other network's field is no better than none, so refinement starts from the
+    # identity
+    pair_model = same_head_model(model) if one_head else None
+    if pair_model is not None:
+        net, record = load_model(pair_model)
+        same_head["model"] = record["name"]
+    from_identity = one_head and pair_model is None
     two_contrasts = correlation is not None and correlation <= SAME_CONTRAST_CORRELATION
     settings = preset(SAME_HEAD if one_head else RESCUE if net is None else ACCURATE)
     auto_reason = None
@@ -257,9 +268,11 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     elif refine_steps > 0:  # experts' --refine N: N Adam steps (no early stop), or at most N L-BFGS evaluations
         refiner = Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
     elif auto_refine and one_head:
-        warnings.warn(f"the images look like two scans of one head (score {same_head['score']:.2f}): the network, "
-                      "trained on different subjects, does not recover their deformation; refining it from the "
-                      "identity (image similarity, bending-energy regulariser)", RuntimeWarning, stacklevel=2)
+        start = ("the network trained on such pairs registers them, then its field is refined" if pair_model else
+                 "the network, trained on different subjects, does not recover their deformation; refining it from "
+                 "the identity")
+        warnings.warn(f"the images look like two scans of one head (score {same_head['score']:.2f}): {start} "
+                      "(image similarity, bending-energy regulariser)", RuntimeWarning, stacklevel=2)
         refiner, auto_reason = Refiner(**settings), "same head"
     elif auto_refine and two_contrasts:
         warnings.warn(f"the images have different contrasts (intensity correlation {correlation:.2f}), where the "
@@ -270,12 +283,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     fallbacks = (Refiner(**preset(RESCUE)), Refiner(**preset(ACCURATE))) if auto_refine else None
     try:
         flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, refiner, fallbacks,
-                                                          torch_device, clock, inverse, small_masks, one_head)
+                                                          torch_device, clock, inverse, small_masks, from_identity)
     except torch.cuda.OutOfMemoryError:
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
         flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, refiner, fallbacks,
-                                                          torch.device("cpu"), clock, inverse, small_masks, one_head)
+                                                          torch.device("cpu"), clock, inverse, small_masks,
+                                                          from_identity)
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
 

@@ -196,6 +196,8 @@ def summary_text(report: dict) -> str:
     if orientation.get("moving_turn_lps") is not None:
         parts.append("the two volumes' headers disagree about the anatomy's directions (aligned from the turn the "
                      "brains show)")
+    if report.get("same_head", {}).get("model"):
+        parts.append("the volumes look like two scans of one head: registered by the network trained on such pairs")
     if report.get("auto_refined"):
         parts.append(REFINE_REASONS.get(report.get("auto_refine_reason"), REFINE_REASONS[NO_BETTER]))
     return "; ".join(parts)
@@ -204,7 +206,7 @@ def summary_text(report: dict) -> str:
 # the status line's words for each ``auto_refine_reason`` of a report (reports without one: NO_BETTER)
 NO_BETTER = "network no better than the affine"
 REFINE_REASONS = {
-    "same head": "the images look like two scans of one head, which the network does not register finely, so the "
+    "same head": "the images look like two scans of one head, whose fine deformation the refinement recovers, so the "
                  "result was refined",
     "two contrasts": "the images have different contrasts, where the network alone is less accurate, so the result "
                      "was refined",
