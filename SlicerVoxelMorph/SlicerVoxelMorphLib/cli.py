@@ -380,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed-mask", help="binary mask on the fixed grid: only voxels inside are compared")
     r.add_argument("--moving-mask", help="binary mask on the moving grid (e.g. excluding a lesion or the skull)")
     r.add_argument("--model", default="bundled",
-                   help="'bundled' (default), a bundled model's name (e.g. lpba40), 'none' (classical), or a file")
+                   help="'bundled' (default: the inter-subject network, and for two scans of one head a network "
+                        "trained on such pairs), a bundled model's name (e.g. lpba40, same_head), 'none' "
+                        "(classical), or a file")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--accurate", action="store_true",
                    help="refine the network's result by instance optimisation with the measured best schedule")
@@ -388,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--similarity", choices=["auto", "ncc", "mind"], default="auto",
                    help="refinement similarity: local NCC (same contrast), MIND-SSC (any contrast), auto (default)")
     r.add_argument("--no-auto-refine", action="store_true",
-                   help="do not refine when the network does not improve on the affine alignment")
+                   help="no safety net: do not refine two scans of one head, two contrasts, or a network result "
+                        "no better than the affine alignment or weaker than on the network's training data")
     r.add_argument("--inverse", action="store_true",
                    help="also write inverse_displacement.nii.gz (moving grid: moving point y -> fixed y + w(y))")
     r.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment (images already aligned)")
