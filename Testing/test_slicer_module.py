@@ -306,6 +306,9 @@ def test_dice_table_rows_follow_the_report():
                                                           "auto_refine_reason": "same head"})
     assert "network trained on such pairs" in scene.summary_text(
         {**report, "same_head": {"score": 0.95, "detected": True, "model": "same_head"}})
+    both = scene.summary_text({**report, "same_head": {"score": 0.95, "detected": True, "model": "same_head"},
+                               "auto_refined": True, "auto_refine_reason": "same head"})
+    assert both.count("two scans of one head") == 1 and both.endswith("trained on such pairs, then refined")
     assert "network trained on such pairs" not in scene.summary_text(
         {**report, "same_head": {"score": 0.95, "detected": True}})
     assert "different contrasts" in scene.summary_text({**report, "auto_refined": True,

@@ -1,9 +1,10 @@
 """Write a model card (markdown) from a model file's own record, plus measured evaluation rows.
 
-    python scripts/model_card.py MODEL.pt CARD.md [--evaluation results.md]
+    python scripts/model_card.py MODEL.pt CARD.md [--evaluation results.md] [--run RUN]
 
 The card is named after CARD (bundled/synth.md: model `synth`, file `synth.pt`); the training command
-is that of the run the file came from (training/<run>/COMMAND, the run's folder name in its record).
+is that of the run the file came from (training/<run>/COMMAND: RUN, by default the run's folder name in its
+record).
 """
 
 import argparse
@@ -75,10 +76,10 @@ RESCAN_PAIRS = """\
 - {share:.0%} of iterations on two scans of one head (`variants.rescan_pair`): a real training image, with head
   layers (CSF rim, skull, scalp: random thickness 1-8 mm and brightness) drawn around the brain in 50 %, the
   contrast of both remapped the same way in 30 %, and a copy of it under a random smooth deformation (stationary
-  velocity, SD 2 voxels, with a small affine: rotation +-2 deg, scale +-0.02, shear +-0.01); loss: {weight} x the
-  squared end-point error (voxels at the network level) against that known field inside the fixed head, plus the
-  label and smoothness terms below (no image similarity)
-- warm start: {init}"""
+  velocity, SD 2 voxels, with a small affine: rotation +-2 deg, scale +-0.02, shear +-0.01, shift +-1 % of the
+  half-extent); each scan then gets its own gamma and noise; loss: {weight} x the squared end-point error (voxels
+  at the network level) against that known field inside the fixed head, plus the label and smoothness terms below
+  (no image similarity)"""
 
 KNOWN_PAIRS = """\
   of those, {share:.0%} drawn from one label map (head layers included) and a copy of it deformed by a
@@ -138,8 +139,9 @@ def render(name: str, record: dict, evaluation: str | None, run: str | None = No
             if c.get("residual_stage") else f"- warm start: {c['init_model']}"),
            f"- the other {1 - c['synth_fraction']:.0%}: real pairs as below"]
           if c.get("synth_fraction") else []),
-        *([RESCAN_PAIRS.format(share=c["rescan_fraction"], weight=c["field_weight"], init=c["init_model"])]
+        *([RESCAN_PAIRS.format(share=c["rescan_fraction"], weight=c["field_weight"])]
           if c.get("rescan_fraction") else []),
+        *([f"- warm start: {c['init_model']}"] if rescan_only and c.get("init_model") else []),
         *([f"- label and smoothness terms: {c['smooth_weight']} x gradient smoothness of the velocity + "
            f"{c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration"]
           if rescan_only else [

@@ -109,6 +109,11 @@ def same_head_model(model: str | Path | None) -> Path | None:
     return path if str(model) == "bundled" and path.is_file() else None
 
 
+def trained_on_one_head_pairs(record: dict) -> bool:
+    """Whether a model file's network was trained on two scans of one head only (``train --rescan-fraction 1``)."""
+    return record.get("training", {}).get("config", {}).get("rescan_fraction", 0) >= 1
+
+
 def resolve_model(model: str | Path | None) -> Path | None:
     """Model path for a ``--model`` value: 'bundled' (the default model), the name of a bundled model
     (e.g. 'lpba40'), 'none', or a file."""

@@ -25,7 +25,7 @@ from .layers import (
     sample_at,
     sample_on_grid,
 )
-from .models import load_model, resolve_model, same_head_model, versions
+from .models import load_model, resolve_model, same_head_model, trained_on_one_head_pairs, versions
 from .orientation import AnatomyOrientation, PairOrientation, pair_orientations
 from .preprocess import (
     WORKING_SPACING_MM,
@@ -156,7 +156,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     head, with ACCURATE when its contrasts differ, with RESCUE when it does not improve on the affine alignment
     (a warning says so). With the default model ('bundled') a pair that looks like two scans of one head is
     registered by the bundled network trained on such pairs (``models.same_head_model``), whose field the
-    SAME_HEAD refinement continues; with any other network that refinement starts from the identity.
+    SAME_HEAD refinement continues (so does that of ``--model same_head``); with a network trained on different
+    subjects it starts from the identity.
     The working grid's axes follow the fixed brain's anatomy whatever its header says, and when the two headers
     disagree about where the anatomy lies the affine starts from the turn between them (``orientation``).
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
@@ -253,13 +254,15 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         correlation = intensity_correlation(m_small, f_small)
     one_head = same_head is not None and same_head["detected"]
     # two scans of one head: with the default model, the network trained on such pairs registers them (same image
-    # level: both work at 2 mm); any other network's field is no better than none, so refinement starts from the
-    # identity
+    # level: both work at 2 mm); the field of a network trained on different subjects is no better than none, so
+    # refinement then starts from the identity
     pair_model = same_head_model(model) if one_head else None
     if pair_model is not None:
         net, record = load_model(pair_model)
-        same_head["model"] = record["name"]
-    from_identity = one_head and pair_model is None
+    for_one_head = one_head and trained_on_one_head_pairs(record)
+    if for_one_head:
+        same_head["model"] = record.get("name")
+    from_identity = one_head and not for_one_head
     two_contrasts = correlation is not None and correlation <= SAME_CONTRAST_CORRELATION
     settings = preset(SAME_HEAD if one_head else RESCUE if net is None else ACCURATE)
     auto_reason = None
@@ -268,7 +271,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     elif refine_steps > 0:  # experts' --refine N: N Adam steps (no early stop), or at most N L-BFGS evaluations
         refiner = Refiner(**{**settings, "steps": refine_steps, "patience": refine_steps})
     elif auto_refine and one_head:
-        start = ("the network trained on such pairs registers them, then its field is refined" if pair_model else
+        start = ("the network trained on such pairs registers them, then its field is refined" if for_one_head else
                  "the network, trained on different subjects, does not recover their deformation; refining it from "
                  "the identity")
         warnings.warn(f"the images look like two scans of one head (score {same_head['score']:.2f}): {start} "

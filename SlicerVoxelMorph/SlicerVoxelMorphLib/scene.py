@@ -196,10 +196,13 @@ def summary_text(report: dict) -> str:
     if orientation.get("moving_turn_lps") is not None:
         parts.append("the two volumes' headers disagree about the anatomy's directions (aligned from the turn the "
                      "brains show)")
+    reason = report.get("auto_refine_reason", NO_BETTER) if report.get("auto_refined") else None
     if report.get("same_head", {}).get("model"):
-        parts.append("the volumes look like two scans of one head: registered by the network trained on such pairs")
-    if report.get("auto_refined"):
-        parts.append(REFINE_REASONS.get(report.get("auto_refine_reason"), REFINE_REASONS[NO_BETTER]))
+        parts.append("the volumes look like two scans of one head: registered by the network trained on such pairs"
+                     + (", then refined" if reason == "same head" else ""))
+        reason = None if reason == "same head" else reason
+    if reason is not None:
+        parts.append(REFINE_REASONS.get(reason, REFINE_REASONS[NO_BETTER]))
     return "; ".join(parts)
 
 
