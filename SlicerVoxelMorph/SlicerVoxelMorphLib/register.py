@@ -91,7 +91,7 @@ ALIGNMENT_STRIDE = 2
 # judged inside the masks, 0.648-0.847). The network, trained on different subjects, does not recover such a pair's
 # deformation (S35, S36: mean end-point error 2.18 -> 2.31 mm in the brain); refinement does (SAME_HEAD), so such
 # pairs are refined, and the default model hands them to a network trained on such pairs only (bundled/same_head.md).
-# Refinement from its field or from the identity, S35 of benchmarks/head_field.py, 70 L-BFGS evaluations, 1 thread
+# Refinement from its field (iteration 2250) or from the identity, S35 of head_field.py, 70 L-BFGS evaluations, 1 thread
 # beside a training run (/tmp probe, 2026-12-04): 0.500 mm in 36 s against 0.507 mm in 39 s; 35 from its field 0.570.
 SAME_HEAD_SCORE = 0.90
 # two contrasts (intensity correlation of the affinely aligned pair at or below SAME_CONTRAST_CORRELATION, where the
