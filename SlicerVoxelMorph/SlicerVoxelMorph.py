@@ -55,7 +55,8 @@ class SlicerVoxelMorph(ScriptedLoadableModule):
         self.parent.contributors = ["SlicerVoxelMorph contributors (https://github.com/SlicerVoxelMorph)"]
         self.parent.helpText = _("""
 Deformable registration of a moving volume to a fixed volume with a VoxelMorph network
-(optionally refined by instance optimisation) after an affine pre-alignment. Requires Slicer 5.10 or later.
+(refined by instance optimisation: a few steps in Fast mode, more in Accurate mode) after an affine
+pre-alignment. Requires Slicer 5.10 or later.
 The bundled model was trained on adult brain MRI (LPBA40 T1, with images synthesised in other contrasts and
 with skull): for other contrasts, scanners or anatomy use Accurate mode, which adapts the result to the pair.
 Research use only: not a medical device.
@@ -103,7 +104,7 @@ class Mode(enum.Enum):
     ACCURATE = "accurate"
 
     def label(self) -> str:
-        return {"fast": _("Fast (network only)"),
+        return {"fast": _("Fast (network + a few refinement steps)"),
                 "accurate": _("Accurate (network + refinement for this pair)")}[self.value]
 
 

@@ -118,7 +118,7 @@ def test_a_network_worse_than_the_affine_is_caught_and_refined(tmp_path, capsys,
     base = ["register", "--fixed", paths["fixed"], "--moving", paths["moving"], "--fixed-labels",
             paths["fixed_labels"], "--moving-labels", paths["moving_labels"], "--model", str(tmp_path / "bad.pt"),
             "--quiet"]
-    assert main([*base, "--no-auto-refine", "--out", str(tmp_path / "raw")]) == 0
+    assert main([*base, "--no-auto-refine", "--no-polish", "--out", str(tmp_path / "raw")]) == 0
     raw = json.loads((tmp_path / "raw" / "report.json").read_text())
     assert raw["alignment"]["network"] > raw["alignment"]["affine_only"]  # the check sees the damage
     assert "refinement" not in raw and raw["mean_dice_after"] < raw["mean_dice_before"]
@@ -296,7 +296,7 @@ def test_a_pair_of_two_contrasts_is_refined_with_the_accurate_preset(tmp_path, c
             "--moving-labels", str(paths["moving_labels"]), "--quiet"]
     assert main([*base, "--moving", str(paths["moving"]), "--out", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "report.json").read_text())
-    assert one["intensity_correlation"] > 0.5 and "refinement" not in one and not one.get("auto_refined")
+    assert one["intensity_correlation"] > 0.5 and one["polished"] and not one.get("auto_refined")  # Fast mode
     capsys.readouterr()
     two = ["--moving", str(tmp_path / "inverted.nii.gz")]
     assert main([*base, *two, "--no-auto-refine", "--out", str(tmp_path / "raw")]) == 0
@@ -328,7 +328,8 @@ def test_a_network_result_weaker_than_on_its_training_data_is_refined_with_the_a
     assert 0 < ratio < 1  # the network improved on the affine: the rescue fallback does not apply
     monkeypatch.setattr(register, "WEAK_NETWORK_RATIO", ratio + 0.01)
     assert main([*base, "--out", str(tmp_path / "kept")]) == 0
-    assert "refinement" not in json.loads((tmp_path / "kept" / "report.json").read_text())
+    kept = json.loads((tmp_path / "kept" / "report.json").read_text())
+    assert kept["polished"] and not kept.get("auto_refined")  # only Fast mode's few steps
     capsys.readouterr()
     monkeypatch.setattr(register, "WEAK_NETWORK_RATIO", ratio - 0.01)
     assert main([*base, "--out", str(tmp_path / "refined")]) == 0
@@ -366,3 +367,40 @@ def test_a_full_resolution_velocity_is_refined_on_the_grid_the_presets_were_chos
     # own field inverts to about 0.1-0.2 mm on this pair (a half-resolution model, accurate preset: 0.11)
     for points in report["inverse_round_trip"].values():
         assert points["mean_mm"] < 0.35 and points["p95_mm"] < 0.8, report["inverse_round_trip"]
+
+
+def test_fast_mode_polishes_a_pair_of_one_contrast_with_a_few_steps_and_not_a_pair_of_two(tmp_path, monkeypatch):
+    """By default the network's result of a pair of one contrast gets the POLISH preset's few refinement steps
+    (NCC): the refinement loss falls and the labels overlap better than with the network's field alone
+    (``--no-polish``, which leaves the report without a refinement). A pair of two contrasts is not polished
+    with NCC, even without the safety net that refines it with MIND-SSC."""
+    import SimpleITK as sitk
+
+    from SlicerVoxelMorphLib import register
+
+    monkeypatch.setattr(register, "SAME_HEAD_SCORE", np.inf)  # this pair is one head deformed: that check apart
+    paths, _ = write_phantom_pair(tmp_path, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), field_seed=3,
+                                  sigma_mm=16.0, phantom_seed=5)
+    base = ["register", "--fixed", str(paths["fixed"]), "--fixed-labels", str(paths["fixed_labels"]),
+            "--moving-labels", str(paths["moving_labels"]), "--quiet"]
+    one = ["--moving", str(paths["moving"])]
+    assert main([*base, *one, "--no-polish", "--out", str(tmp_path / "network")]) == 0
+    network = json.loads((tmp_path / "network" / "report.json").read_text())
+    assert "refinement" not in network and "polished" not in network
+    assert main([*base, *one, "--out", str(tmp_path / "polished")]) == 0
+    polished = json.loads((tmp_path / "polished" / "report.json").read_text())
+    assert polished["polished"] and not polished.get("auto_refined")
+    assert polished["refinement"]["similarity"] == "ncc"
+    assert polished["refinement"]["steps_run"] == register.POLISH["steps"] < register.ACCURATE["steps"]
+    assert polished["refinement"]["loss_best"] < polished["refinement"]["loss_first"]
+    assert polished["mean_dice_after"] > network["mean_dice_after"]
+    moving = sitk.ReadImage(str(paths["moving"]))
+    array = sitk.GetArrayFromImage(moving)
+    inside = array > 0.05 * array.max()
+    inverted = sitk.GetImageFromArray(np.where(inside, array.max() - array, 0).astype(np.float32))
+    inverted.CopyInformation(moving)
+    sitk.WriteImage(inverted, str(tmp_path / "inverted.nii.gz"))
+    assert main([*base, "--moving", str(tmp_path / "inverted.nii.gz"), "--no-auto-refine", "--out",
+                 str(tmp_path / "two")]) == 0
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert "refinement" not in two and "polished" not in two

@@ -1,5 +1,6 @@
 """Generalisation benchmark: LPBA40 validation subjects to the atlas, as they are and with other contrasts
-or a synthetic head, through the whole ``register`` pipeline (network only by default), per model.
+or a synthetic head, through the whole ``register`` pipeline (network only by default; default settings with
+--auto-refine --polish), per model.
 With --scan-to-scan each subject goes to the next one of the list instead (the last to the first).
 
 Variants (SlicerVoxelMorphLib.variants): plain; the moving image remapped to inverted, T2-like,
@@ -16,7 +17,7 @@ matter), like the whole-brain aseg labels of other datasets, instead of LPBA40's
 Writes generalisation.md and .csv to --out.
 
     python benchmarks/generalisation.py --models lpba40=PATH,synth=PATH [--subjects S35,S36] [--refine 0] [--accurate]
-        [--scan-to-scan] [--score tissue]
+        [--auto-refine] [--polish] [--scan-to-scan] [--score tissue]
 
 A model PATH of ``ants`` runs ANTs SyN instead (antspyx defaults, mutual information; antspyx installed).
 """
@@ -131,6 +132,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", help="comma-separated moving subjects (default: S35..S40 present)")
     parser.add_argument("--accurate", action="store_true", help="the accurate preset (network + refinement)")
     parser.add_argument("--auto-refine", action="store_true", help="keep the safety net on (default: network only)")
+    parser.add_argument("--polish", action="store_true",
+                        help="Fast mode's few refinement steps after the network (default: network only); with "
+                             "--auto-refine: default settings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmark_output")
 
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result = register(f, m, fixed_labels=f_labels, moving_labels=m_scored, model=model,
                                       device="cpu", refine_steps=args.refine, auto_refine=args.auto_refine,
-                                      accurate=args.accurate)
+                                      accurate=args.accurate, polish=args.polish)
                     warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
                     report = result.report
                     refined = bool(report.get("auto_refined"))
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     target = "the next subject" if args.scan_to_scan else ATLAS
     lines = [f"# Generalisation: LPBA40 {', '.join(subjects)} -> {target}, refine {args.refine}, "
              f"{'accurate preset, ' if args.accurate else ''}"
-             f"safety net {'on' if args.auto_refine else 'off'}", "",
+             f"safety net {'on' if args.auto_refine else 'off'}, polish {'on' if args.polish else 'off'}", "",
              f"Mean Dice over the fixed image's {'tissue labels' if args.score == 'tissue' else 'labels'} (mean over "
              "subjects); max % det J <= 0 below.", "",
              header, "|---" * (len(models) + 1) + "|"]

@@ -1,4 +1,4 @@
-"""LPBA40 benchmark: this tool (network only, accurate) against ANTs SyN, same pairs, same machine, as processes.
+"""LPBA40 benchmark: this tool (network only, fast, accurate) against ANTs SyN, same pairs, same machine, as processes.
 
 Each moving subject is registered to the atlas fixed.nii.gz (S01), or with --scan-to-scan to the next
 subject of the list (the last to the first: pairs without the atlas, which training saw as a fixed image),
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = metrics.label_ids(sitk.GetArrayFromImage(sitk.ReadImage(str(next(iter(pairs.values()))[3]))))
     network = "fast (default)" if args.model != "none" else "affine only (no model)"
     presets = {network: [], "accurate": ["--accurate"]}
+    if args.model != "none":  # Fast mode without its polish: the network's field as it is
+        presets = {"network only": ["--no-polish"], **presets}
     if args.refine:
         presets[f"refine {args.refine}"] = ["--refine", str(args.refine)]
     methods = [BEFORE, *presets] + ([ANTS] if ants_version else [])

@@ -9,7 +9,7 @@ headers that tell their anatomy right (as the template's does), or as stored wit
 Writes mni_tissue.md and .csv to --out.
 
     python benchmarks/mni_tissue.py --models bundled=bundled,syn=ants [--accurate] [--subjects S35,S36]
-        [--headers right|stored] [--threads 1]
+        [--headers right|stored] [--auto-refine] [--polish] [--threads 1]
 """
 
 import argparse
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 warped, folding = syn(fixed, moving, moving_labels, fixed_labels)
             else:
                 result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, model=model,
-                                  device="cpu", auto_refine=args.auto_refine, accurate=args.accurate)
+                                  device="cpu", auto_refine=args.auto_refine, accurate=args.accurate,
+                                  polish=args.polish)
                 warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
                 refined = bool(result.report.get("auto_refined"))
             seconds = time.perf_counter() - start
@@ -100,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "mni_tissue.csv", FIELDS, rows)
     columns = [f"dice_{name}" for name in TISSUES.values()] + ["mean_grey_white", "folding_percent", "seconds",
                                                                "refined"]
-    preset = "accurate preset" if args.accurate else "network only"
+    preset = "accurate preset" if args.accurate else "network, polished" if args.polish else "network only"
     lines = [f"# LPBA40 {', '.join(subjects)} -> MNI152 template, subjects' headers {args.headers}, {preset}, "
-             f"safety net {'on' if args.auto_refine else 'off'}",
+             f"safety net {'on' if args.auto_refine else 'off'}, polish {'on' if args.polish else 'off'}",
              "", "| model | " + " | ".join(c.replace("dice_", "Dice ") for c in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for name in models:

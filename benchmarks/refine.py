@@ -65,7 +65,7 @@ def main() -> int:
             start = time.perf_counter()
             result = pipeline.register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                                        model=args.model, device="cpu", accurate=overrides is not None,
-                                       auto_refine=False)
+                                       auto_refine=False, polish=False)
             seconds = time.perf_counter() - start
             r = result.report
             print(f"| {subject} | {name} | {r['mean_dice_after']:.4f} | {r['folding_percent']:.4f} | "
