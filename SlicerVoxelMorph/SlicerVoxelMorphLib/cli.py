@@ -387,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--accurate", action="store_true",
                    help="refine the network's result by instance optimisation with the measured best schedule")
-    r.add_argument("--refine", type=at_least(0), help="expert: refinement steps (default 0; 100 with --model none)")
+    r.add_argument("--refine", type=at_least(0),
+                   help="expert: refinement steps instead of the presets (default: none beyond the safety net and Fast "
+                        "mode's three polishing steps, see --no-polish; 100 with --model none)")
     r.add_argument("--similarity", choices=["auto", "ncc", "mind"], default="auto",
                    help="refinement similarity: local NCC (same contrast), MIND-SSC (any contrast), auto (default)")
     r.add_argument("--no-auto-refine", action="store_true",
