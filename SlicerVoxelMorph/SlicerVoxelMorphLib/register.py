@@ -73,7 +73,7 @@ RESCUE = {"steps": 100, "velocity_factor": 1, "window": 5, "smooth_weight": 1.0,
 # 16, 15 s (on S35: 40 evaluations 0.563 mm, 60 0.512, 80 0.493)
 SAME_HEAD = {**RESCUE, "steps": 70, "optimizer": "lbfgs", "smooth_weight": 0.0, "bending_weight": 0.3}
 # Fast mode polishes the network's result of a pair of one contrast with three Adam steps of the accurate preset at
-# a larger learning rate: about half a second. Chosen on training subjects S11, S14, S17, S20, S23, S26 -> S01
+# a larger learning rate: about 0.7 s on 2 CPU cores. Chosen on training subjects S11, S14, S17, S20, S23, S26 -> S01
 # (a /tmp probe of register(refine_steps=N) with the accurate preset's lr replaced, 2026-12-04, bundled synth_fine;
 # mean Dice over the 56 structures / the tissue labels of benchmarks/generalisation.py / its grey matter): network
 # 0.760 / 0.674 / 0.683; lr 0.02 (the accurate preset's) 5 steps 0.767 / 0.688 / 0.710; lr 0.05 3 steps 0.768 /
