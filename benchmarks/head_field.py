@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{' (safety net refined)' if rows[-1]['refined'] else ''}", flush=True)
     lines = [f"# Whole-head proxy: LPBA40 {', '.join(subjects)} with a synthetic head, registered to a copy "
              f"deformed by a known smooth field (largest {LARGEST_MM:g} mm), "
-             f"{'accurate preset' if args.accurate else 'network only'}, "
+             f"{'accurate preset' if args.accurate else 'network, polished' if args.polish else 'network only'}, "
              f"safety net {'on' if args.auto_refine else 'off'}, polish {'on' if args.polish else 'off'}", "",
              "Mean end-point error (mm) inside the head, mean over subjects.", "",
              "| model | before (identity) | after | max % det J <= 0 | mean seconds | refined by the safety net "

@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     network = "fast (default)" if args.model != "none" else "affine only (no model)"
     presets = {network: [], "accurate": ["--accurate"]}
     if args.model != "none":  # Fast mode without its polish: the network's field as it is
-        presets = {"network only": ["--no-polish"], **presets}
+        presets = {"network only": ["--no-polish", "--no-auto-refine"], **presets}
     if args.refine:
         presets[f"refine {args.refine}"] = ["--refine", str(args.refine)]
     methods = [BEFORE, *presets] + ([ANTS] if ants_version else [])

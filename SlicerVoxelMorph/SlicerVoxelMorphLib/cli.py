@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "no better than the affine alignment or weaker than on the network's training data")
     r.add_argument("--no-polish", action="store_true",
                    help="the network's field as it is: no three refinement steps after it (what the default does to "
-                        "a pair of one contrast that nothing else refines; about 0.7 s on 2 CPU cores)")
+                        "a pair of one contrast, not two scans of one head, that nothing else refines; about 0.7 s "
+                        "on 2 CPU cores)")
     r.add_argument("--inverse", action="store_true",
                    help="also write inverse_displacement.nii.gz (moving grid: moving point y -> fixed y + w(y))")
     r.add_argument("--no-affine", action="store_true", help="skip affine pre-alignment (images already aligned)")

@@ -43,7 +43,7 @@ class Adam:
         self.steps += 1
         self.mean.lerp_(grad, 1 - beta1)
         self.square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denominator = (self.square / (1 - beta2 ** self.steps)).sqrt_().add_(self.eps)
+        denominator = (self.square.sqrt() / (1 - beta2 ** self.steps) ** 0.5).add_(self.eps)
         self.parameter.addcdiv_(self.mean, denominator, value=-self.lr / (1 - beta1 ** self.steps))
 
 

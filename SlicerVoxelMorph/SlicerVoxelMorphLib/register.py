@@ -113,8 +113,9 @@ SAME_HEAD_SCORE = 0.90
 # two contrasts (intensity correlation of the affinely aligned pair at or below SAME_CONTRAST_CORRELATION, where the
 # refinement would pick MIND-SSC): the network alone reaches less than on one contrast (LPBA40 S35..S40 -> S01,
 # moving image remapped: T2-like 0.665, inverted 0.620, non-monotone 0.625, against 0.729 plain), the accurate
-# preset more (0.694, 0.667, 0.663), so Fast mode refines such pairs with it. Flagged (benchmarks/generalisation.py
-# variants): inverted and T2-like 6 of 6, non-monotone 5, FLAIR-like 4, plain, monotone and synthetic head 0.
+# preset more (0.694, 0.667, 0.663), so Fast mode refines such pairs (now with TWO_CONTRASTS). Flagged
+# (benchmarks/generalisation.py variants):
+# inverted and T2-like 6 of 6, non-monotone 5, FLAIR-like 4, plain, monotone and synthetic head 0.
 TAPER_MM = 20.0  # outside the working grid the deformation fades to zero over this distance
 
 
@@ -167,12 +168,14 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
     Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model, SAME_HEAD for two scans of one head,
-    see SAME_HEAD_SCORE) or ``refine_steps`` steps with the same settings, ``similarity`` 'auto', 'ncc' or 'mind';
+    see SAME_HEAD_SCORE, TWO_CONTRASTS for two contrasts) or ``refine_steps`` steps with the same settings,
+    ``similarity`` 'auto', 'ncc' or 'mind';
     with ``auto_refine`` the network's result is refined with SAME_HEAD when the pair looks like two scans of one
     head, with TWO_CONTRASTS when its contrasts differ, with RESCUE when it does not improve on the affine alignment
-    (a warning says so). With ``polish`` (Fast mode) the network's result of a pair of one contrast that nothing
-    else refines gets the POLISH preset's three steps (report: ``polished``); without it, and without the above,
-    the result is the network's alone. With the default model ('bundled') a pair that looks like two scans of one
+    (a warning says so). With ``polish`` (Fast mode) the network's result of a pair of one contrast (not two
+    scans of one head) that nothing else refines gets the POLISH preset's three steps (report: ``polished``);
+    without it, and without the above, the result
+    is the network's alone. With the default model ('bundled') a pair that looks like two scans of one
     head is registered by the bundled network trained on such pairs (``models.same_head_model``), whose field the
     SAME_HEAD refinement continues (so does that of ``--model same_head``); with a network trained on different
     subjects it starts from the identity.
