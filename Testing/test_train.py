@@ -2,6 +2,7 @@
 
 import csv
 
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -96,20 +97,58 @@ def test_resume_refuses_other_settings_and_drops_rows_logged_after_the_checkpoin
     assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
 
 
-def test_a_failing_batch_producer_stops_training_with_its_error(tmp_path, monkeypatch):
-    import pytest
+def test_worker_processes_draw_the_same_pairs_in_order(tmp_path):
+    images, labels = _dataset(tmp_path)
+    options = ("--synth-fraction", "0.5", "--known-fraction", "0.5", "--field-weight", "0.1")
+    _train(images, labels, tmp_path / "thread", *options)
+    _train(images, labels, tmp_path / "workers", *options, "--workers", "3")
+    a, _ = load_model(tmp_path / "thread" / "model.pt")
+    b, _ = load_model(tmp_path / "workers" / "model.pt")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    rows = [list(csv.DictReader(open(tmp_path / run / "log.csv"))) for run in ("thread", "workers")]
+    assert [r["synthetic"] for r in rows[0]] == [r["synthetic"] for r in rows[1]]
+    assert [r["loss"] for r in rows[0]] == [r["loss"] for r in rows[1]]
+
+
+def test_the_log_records_how_long_each_step_waited_for_its_pair(tmp_path, monkeypatch):
+    import time
 
     from SlicerVoxelMorphLib import train
 
     images, labels = _dataset(tmp_path)
+    sample = train.Trainer.sample
+
+    def slow(self, iteration):
+        time.sleep(0.5 if iteration >= 3 else 0.0)
+        return sample(self, iteration)
+
+    monkeypatch.setattr(train.Trainer, "sample", slow)
+    _train(images, labels, tmp_path / "x", "--val-every", "100", "--checkpoint-every", "100")
+    waits = [float(r["wait"]) for r in csv.DictReader(open(tmp_path / "x" / "log.csv"))]
+    assert max(waits[:3]) < 0.3  # drawn ahead while the first steps ran
+    assert all(0.3 < w < 0.6 for w in waits[4:])  # 0.5 s a pair, less the step the drawer ran beside
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_failing_batch_producer_stops_training_with_its_error(tmp_path, monkeypatch, workers):
+    from SlicerVoxelMorphLib import train
+
+    images, labels = _dataset(tmp_path)
+
+    sample = train.Trainer.sample
 
     def broken(self, iteration):
-        raise ValueError("synthetic failure in the batch producer")
+        if iteration == 1:
+            raise ValueError("synthetic failure in the batch producer")
+        return sample(self, iteration)
 
     monkeypatch.setattr(train.Trainer, "sample", broken)
     with pytest.raises(ValueError, match="batch producer"):
-        main(["train", "--images", str(images), "--labels", str(labels), "--iterations", "2", "--device", "cpu",
-              "--quiet", "--out", str(tmp_path / "x")])
+        main(["train", "--images", str(images), "--labels", str(labels), "--iterations", "3", "--device", "cpu",
+              "--workers", workers, "--quiet", "--out", str(tmp_path / "x")])
+    rows = list(csv.DictReader(open(tmp_path / "x" / "log.csv")))
+    assert [r["iteration"] for r in rows] == ["1"]  # the pair before the failing one trained
 
 
 def test_bad_training_settings_and_a_used_folder_are_refused(tmp_path, capsys):

@@ -345,7 +345,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     trainer.progress = progress
     try:
-        trainer.run(args.chunk)
+        trainer.run(args.chunk, args.workers)
     finally:
         bar.close()
     path = trainer.export_model(hardware_description(device))
@@ -479,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--threads", type=at_least(1), help="CPU threads for torch")
+    t.add_argument("--workers", type=at_least(0), default=0,
+                   help="processes that draw (synthesise) the training pairs ahead of the network step (default 0: "
+                        "one background thread); on a GPU the step waits for one drawer: give it several cores. "
+                        "The pairs are the same for any number")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--out", required=True, help="output folder (checkpoint, log.csv, model.pt)")
     t.set_defaults(func=run_train)

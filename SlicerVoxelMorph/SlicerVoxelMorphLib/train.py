@@ -2,10 +2,13 @@
 
 import csv
 import math
+import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -517,50 +520,101 @@ class Trainer:
         self.net.to(self.device)
         return path
 
-    def run(self, iterations: int | None = None) -> None:
-        """Train up to ``config.iterations`` (or ``iterations`` more), validating and checkpointing."""
+    def run(self, iterations: int | None = None, workers: int = 0) -> None:
+        """Train up to ``config.iterations`` (or ``iterations`` more), validating and checkpointing; the pairs are
+        drawn by ``workers`` processes (0: one background thread)."""
         c = self.config
         stop = c.iterations if iterations is None else self.iteration + iterations
         log_path = self.out / "log.csv"
-        batches: queue.Queue = queue.Queue(maxsize=2)
-
-        def producer(start: int) -> None:
-            try:
-                for it in range(start, stop):
-                    batches.put(self.sample(it))
-            except Exception as exc:  # handed to the training loop, which raises it
-                batches.put(exc)
-
-        threading.Thread(target=producer, args=(self.iteration,), daemon=True).start()
         self.net.train()
-        while self.iteration < stop:
-            batch = batches.get()
-            if isinstance(batch, Exception):
-                raise batch
-            tick = time.time()
-            terms = self.step(batch)
-            self.seconds += time.time() - tick
-            self.iteration += 1
-            row = {"iteration": self.iteration, "seconds": round(self.seconds, 2), **terms}
-            if self.iteration % c.val_every == 0 or self.iteration == stop:
-                row.update(self.validate())
-            self.history.append(row)
-            self._keep_best(row)
-            _append_csv(log_path, row)
-            if self.iteration % c.checkpoint_every == 0 or self.iteration == stop:
-                self.save_checkpoint()
-                plot_history(self.history, self.out / "learning_curves.png")
-            try:
-                self.progress("training", self.iteration / stop)
-            except Cancelled:
-                self.save_checkpoint()
-                raise
+        pairs = training_pairs(self.sample, self.iteration, stop, workers)
+        try:
+            while self.iteration < stop:
+                tick = time.time()
+                batch = next(pairs)
+                waited = time.time() - tick  # the step waiting for its pair: synthesis slower than the step
+                tick += waited
+                terms = self.step(batch)
+                self.seconds += time.time() - tick
+                self.iteration += 1
+                row = {"iteration": self.iteration, "seconds": round(self.seconds, 2), "wait": round(waited, 3),
+                       **terms}
+                if self.iteration % c.val_every == 0 or self.iteration == stop:
+                    row.update(self.validate())
+                self.history.append(row)
+                self._keep_best(row)
+                _append_csv(log_path, row)
+                if self.iteration % c.checkpoint_every == 0 or self.iteration == stop:
+                    self.save_checkpoint()
+                    plot_history(self.history, self.out / "learning_curves.png")
+                try:
+                    self.progress("training", self.iteration / stop)
+                except Cancelled:
+                    self.save_checkpoint()
+                    raise
+        finally:
+            pairs.close()
+
+
+def training_pairs(sample: Callable[[int], tuple], start: int, stop: int, workers: int = 0) -> Iterator[tuple]:
+    """``sample(i)`` for i in [start, stop), in order, drawn ahead of the training step: by one background thread
+    (``workers`` 0), or by that many forked processes (synthesis is CPU work: on a GPU one drawer takes several
+    times the network step, which then waits for it). The pairs are the same either way: each is drawn from
+    (seed, iteration) alone."""
+    if workers <= 0:
+        yield from _pairs_in_a_thread(sample, start, stop)
+        return
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise InputError("--workers needs processes started by fork (Linux, macOS): use --workers 0 here")
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker,
+                               initargs=(sample,))
+    ahead: deque[Future] = deque()
+    try:
+        for iteration in range(start, stop):
+            while len(ahead) < 2 * workers and iteration + len(ahead) < stop:
+                ahead.append(pool.submit(_sample_in_worker, iteration + len(ahead)))
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pairs_in_a_thread(sample: Callable[[int], tuple], start: int, stop: int) -> Iterator[tuple]:
+    """``training_pairs`` by one producer thread, two pairs ahead."""
+    batches: queue.Queue = queue.Queue(maxsize=2)
+
+    def producer() -> None:
+        try:
+            for it in range(start, stop):
+                batches.put(sample(it))
+        except Exception as exc:  # handed to the training loop, which raises it
+            batches.put(exc)
+
+    threading.Thread(target=producer, daemon=True).start()
+    for _ in range(start, stop):
+        batch = batches.get()
+        if isinstance(batch, Exception):
+            raise batch
+        yield batch
+
+
+_WORKER_SAMPLE: Callable[[int], tuple] | None = None  # a worker process's sampler, set there by _start_worker
+
+
+def _start_worker(sample: Callable[[int], tuple]) -> None:
+    """A worker process: one torch thread (the workers are the parallelism) and the sampler it inherited by fork."""
+    global _WORKER_SAMPLE
+    torch.set_num_threads(1)
+    _WORKER_SAMPLE = sample
+
+
+def _sample_in_worker(iteration: int) -> tuple:
+    return _WORKER_SAMPLE(iteration)
 
 
 MAX_LABEL_BYTES = 4e9  # one-hot label maps of all subjects, uint8 at the training spacing
-LOG_COLUMNS = ["iteration", "seconds", "synthetic", "rescan", "loss", "ncc", "smooth", "dice", "field", "tissue",
-               "val_dice", "val_worst", *[f"val_dice_{kind}" for kind in variants.VARIANTS], "val_folding_percent",
-               "val_head_epe_mm", "val_tissue_dice"]
+LOG_COLUMNS = ["iteration", "seconds", "wait", "synthetic", "rescan", "loss", "ncc", "smooth", "dice", "field",
+               "tissue", "val_dice", "val_worst", *[f"val_dice_{kind}" for kind in variants.VARIANTS],
+               "val_folding_percent", "val_head_epe_mm", "val_tissue_dice"]
 HEAD_FIELD_MM = 6.0  # largest displacement inside the head of the whole-head validation proxy
 RESUMABLE_CHANGES = {"iterations", "val_every", "checkpoint_every"}  # settings a resumed run may change
 
