@@ -108,7 +108,8 @@ def run_tool(fixed: Path, fixed_labels: Path, image: Path, labels: Path, model: 
     seconds, peak_mb, _ = timed_process(command, threads)
     report = json.loads((out / "report.json").read_text())
     return {"mean_dice": report["mean_dice_after"], "folding_percent": report["folding_percent"],
-            "seconds": seconds, "peak_mb": peak_mb, "before": report["mean_dice_before"], "stages": report["seconds"]}
+            "seconds": seconds, "peak_mb": peak_mb, "before": report["mean_dice_before"], "stages": report["seconds"],
+            "device": report["device"]}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [BEFORE, *presets] + ([ANTS] if ants_version else [])
     rows: list[dict] = []
     stages: dict[str, list[dict]] = {method: [] for method in presets}
+    devices: set[str] = set()  # where this tool ran (report.json): a GPU when one is there
     with tempfile.TemporaryDirectory() as work:
         for subject, (image, labels, fixed_path, fixed_labels_path) in pairs.items():
             found = {method: median_run([run_tool(fixed_path, fixed_labels_path, image, labels, args.model, options,
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                              "peak_mb": r["peak_mb"], "ants_time_ratio": ratio})
                 if method in stages:
                     stages[method].append(r["stages"])
+                    devices.add(r["device"])
             print(f"{subject}: " + ", ".join(f"{m} Dice {r['mean_dice']:.3f} in {r['seconds']:.1f} s"
                                              for m, r in found.items()), flush=True)
 
@@ -319,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "its own process (start-up, imports, reading, registration, label warp and, for this tool, all its "
         f"outputs written); this tool: the run of median time of {max(1, args.repeats)} per subject and preset, "
         "ANTs: one run.",
-        f"Model `{args.model}`; {args.threads} threads for torch, ITK and ANTs; CPU; "
+        f"Model `{args.model}`; {args.threads} threads for torch, ITK and ANTs; this tool on "
+        f"{', '.join(sorted(devices))}; "
         f"ANTs: {f'antspyx {ants_version}, SyN defaults' if ants_version else 'not run'}.",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
         f"torch {torch.__version__}; {time.strftime('%Y-%m-%d %H:%M')}.",
