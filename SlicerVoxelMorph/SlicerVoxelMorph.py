@@ -224,7 +224,7 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.modelPathLineEdit.enabled = p.modelSource == ModelSource.FILE
         self.ui.refineIterationsSpinBox.enabled = p.modelSource == ModelSource.NONE
-        self.ui.smoothnessSliderWidget.enabled = p.mode == Mode.ACCURATE or p.modelSource == ModelSource.NONE
+        self.ui.smoothnessSliderWidget.enabled = self.logic.setsSmoothness(p)
         self.ui.landmarkTableSelector.enabled = p.fixedLandmarks is not None and p.movingLandmarks is not None
         self.ui.jacobianSelector.enabled = p.computeJacobian
         self.ui.inverseTransformSelector.enabled = p.computeInverse
@@ -279,7 +279,8 @@ class SlicerVoxelMorphWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from SlicerVoxelMorphLib.scene import ProgressTracker, summary_text
 
         p = self._parameterNode
-        tracker = ProgressTracker(affine=p.affine, refine=self.logic.refineSteps(p) > 0 or self.logic.accurate(p))
+        full = self.logic.refineSteps(p) > 0 or self.logic.accurate(p)  # else Fast mode's polish, now and then more
+        tracker = ProgressTracker(affine=p.affine, refine="full" if full else "polish")
         dialog = slicer.util.createProgressDialog(windowTitle=_("VoxelMorph registration"),
                                                   labelText=_("Starting..."), maximum=100,
                                                   windowModality=qt.Qt.ApplicationModal, autoClose=False,
@@ -436,6 +437,17 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
     def accurate(p) -> bool:
         return p.mode == Mode.ACCURATE and p.modelSource != ModelSource.NONE
 
+    @staticmethod
+    def setsSmoothness(p) -> bool:
+        """Whether the panel's Smoothness applies (its slider is enabled): Accurate mode and optimisation only."""
+        return p.mode == Mode.ACCURATE or p.modelSource == ModelSource.NONE
+
+    @classmethod
+    def smoothness(cls, p) -> float:
+        """The Smoothness the registration uses: the panel's where it applies, else the default (Fast mode's
+        polish and safety net keep their presets, whatever a disabled slider still holds)."""
+        return float(p.smoothness) if cls.setsSmoothness(p) else 1.0
+
     def processParameterNode(self, p, progress=None, alsoWarp=()) -> RegistrationOutputs:
         """Run with the panel's settings and store the created output nodes back in the parameter node;
         ``alsoWarp``: more volumes and segmentations of the moving subject to bring onto the fixed grid."""
@@ -448,7 +460,7 @@ class SlicerVoxelMorphLogic(ScriptedLoadableModuleLogic):
             jacobianVolume=p.jacobianVolume if p.computeJacobian else None, computeJacobian=p.computeJacobian,
             diceTable=p.diceTable, inverseTransform=p.inverseTransform, computeInverse=p.computeInverse,
             fixedMask=p.fixedMask, movingMask=p.movingMask, fixedLandmarks=p.fixedLandmarks,
-            movingLandmarks=p.movingLandmarks, landmarkTable=p.landmarkTable, smoothness=p.smoothness,
+            movingLandmarks=p.movingLandmarks, landmarkTable=p.landmarkTable, smoothness=self.smoothness(p),
             alsoWarp=alsoWarp, model=self.modelArgument(p), device=p.device.value,
             refineSteps=self.refineSteps(p), accurate=self.accurate(p), affine=p.affine, progress=progress)
         p.warpedVolume = outputs.warpedVolume

@@ -365,17 +365,29 @@ def test_world_ijk_to_ras_applies_parent_transform():
 
 
 def test_progress_tracker_is_monotone_and_ends_at_100():
-    tracker = scene.ProgressTracker(affine=True, refine=True)
+    tracker = scene.ProgressTracker(affine=True, refine="full")
     seen = []
     for stage in scene.STAGES:
         for fraction in (0.0, 0.5, 1.0):
             seen.append(tracker.update(stage, fraction)[0])
     assert seen == sorted(seen) and seen[-1] == 100
-    fast = scene.ProgressTracker(affine=False, refine=False)
-    assert fast.update("refine", 1.0)[0] == 0  # a stage that is not expected does not move the bar
-    percent, text = fast.update("network", 1.0)
+    plain = scene.ProgressTracker(affine=False, refine="none")
+    assert plain.update("refine", 1.0)[0] == 0  # a stage that is not expected does not move the bar
+    percent, text = plain.update("network", 1.0)
     assert 0 < percent < 100 and text == scene.STAGES["network"][0]
-    assert fast.update("unknown stage", 0.5) == (percent, "unknown stage")
+    assert plain.update("unknown stage", 0.5) == (percent, "unknown stage")
+
+
+def test_fast_modes_polish_moves_the_bar_by_a_small_share():
+    fast, full = scene.ProgressTracker(refine="polish"), scene.ProgressTracker(refine="full")
+    start, middle, end = (fast.update(stage, fraction)[0] for stage, fraction in
+                          (("network", 1.0), ("refine", 0.5), ("refine", 1.0)))
+    assert start < middle < end < fast.update("compose", 1.0)[0]
+    full_start = full.update("network", 1.0)[0]
+    full_share = full.update("refine", 1.0)[0] - full_start
+    assert end - start < full_share / 4
+    with pytest.raises(ValueError, match="refine"):
+        scene.ProgressTracker(refine="some")
 
 
 def test_structure_names_ignore_slicer_default_tables_and_show_the_value():

@@ -234,22 +234,29 @@ STAGES = {
 }
 
 
+# the refinement's share of the bar: "full" (Accurate mode, optimisation only), "polish" (Fast mode: a few steps,
+# or the safety net's preset now and then), "none"
+REFINE_WEIGHTS = {"full": STAGES["refine"][1], "polish": 6, "none": 0}
+
+
 class ProgressTracker:
     """Turns engine ``(stage, fraction)`` reports into an overall percentage and a label text.
 
-    Stages that will not run (affine off, no refinement) are left out of the total.
+    Stages that will not run (affine off, no refinement) are left out of the total; ``refine`` is a key of
+    REFINE_WEIGHTS.
     """
 
-    def __init__(self, affine: bool = True, refine: bool = False) -> None:
-        skip = set() if affine else {"affine"}
-        if not refine:
-            skip.add("refine")
+    def __init__(self, affine: bool = True, refine: str = "none") -> None:
+        if refine not in REFINE_WEIGHTS:
+            raise ValueError(f"refine must be one of {', '.join(REFINE_WEIGHTS)}, not {refine!r}")
+        weights = {stage: weight for stage, (_, weight) in STAGES.items() if affine or stage != "affine"}
+        weights["refine"] = REFINE_WEIGHTS[refine]
         self._start: dict[str, float] = {}
         self._weight: dict[str, float] = {}
-        total = sum(weight for stage, (_, weight) in STAGES.items() if stage not in skip)
+        total = sum(weights.values())
         done = 0.0
-        for stage, (_, weight) in STAGES.items():
-            if stage in skip:
+        for stage, weight in weights.items():
+            if weight == 0:
                 continue
             self._start[stage] = done / total
             self._weight[stage] = weight / total
