@@ -49,7 +49,7 @@ def _sealed(record: dict) -> dict | None:
 
 def save_model(path: str | Path, net: VxmDense, spacing_mm: float, metadata: dict) -> str:
     """Save weights with their architecture, working grid and metadata; return the content hash."""
-    state = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
+    state = {k: v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()}  # whatever the layout
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dict(net.config),
               "spacing_mm": float(spacing_mm), "normalisation": "percentile 0.5-99.5 to [0, 1]",
               "state_dict": state, "versions": versions(), **metadata}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import images, losses, metrics
-from .devices import pick_device
+from .devices import pick_device, weight_layout
 from .errors import InputError
 from .inputs import CheckedInputs, check_inputs
 from .layers import (
@@ -400,10 +400,8 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     info: dict = {}
     if net is not None:
         with torch.no_grad():
-            # channels-last weights: synth_fine's velocity on 2 cores 1.06 -> 0.94 s in a fresh process, 1.04 -> 0.84
-            # warm (benchmarks/network_layout.py), within 2e-6 voxels of the default layout's; CUDA keeps its layout
-            layout = torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
-            velocity = net.to(device, memory_format=layout).velocity(moving_small, fixed_small).contiguous()
+            net = net.to(device, memory_format=weight_layout(device))
+            velocity = net.velocity(moving_small, fixed_small).contiguous()
             flow = displacement_from_velocity(velocity, size, int_steps)
             descriptors = mind_ssc(moving_small), mind_ssc(fixed_small)  # for both alignment checks
             info["alignment"] = alignment(*descriptors, flow)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses, metrics, variants
+from .devices import weight_layout
 from .errors import Cancelled, InputError
 from .files import atomic_path
 from .images import check_image, check_labels, read_image
@@ -151,7 +152,7 @@ class Trainer:
         for stage in [] if config.all_stages else self.net.stages()[:-1]:  # only the newest stage learns
             for parameter in (p for module in stage for p in module.parameters()):
                 parameter.requires_grad_(False)
-        self.net.to(device)
+        self.net.to(device, memory_format=weight_layout(device))
         self.synthesiser = Synthesiser(SynthSettings(expansion_probability=config.csf_expansion))
         self.best_score = -math.inf
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
@@ -517,7 +518,7 @@ class Trainer:
         }
         path = self.out / name
         save_model(path, self.net.cpu(), c.spacing_mm, record)
-        self.net.to(self.device)
+        self.net.to(self.device, memory_format=weight_layout(self.device))
         return path
 
     def run(self, iterations: int | None = None, workers: int = 0) -> None:
