@@ -23,6 +23,6 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def weight_layout(device: torch.device) -> torch.memory_format:
     """The memory layout of a network's weights on ``device``: channels-last on CPU, where oneDNN's 3D convolutions
-    are faster so (synth_fine on 2 cores: inference 1.06 -> 0.94 s in a fresh process, benchmarks/network_layout.py;
-    a training step about a fifth quicker), the default on CUDA (where it was not measured)."""
+    are faster so (synth_fine on 2 cores: inference 1.06 -> 0.94 s in a fresh process, its training recipe's steps
+    8 % quicker; benchmarks/results/network_layout_2026-12-04), the default on CUDA (where it was not measured)."""
     return torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
