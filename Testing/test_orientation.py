@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from conftest import SHARED, phantom, to_image
-from SlicerVoxelMorphLib.orientation import ROTATIONS, AnatomyOrientation
+from SlicerVoxelMorphLib.orientation import ROTATIONS, AnatomyOrientation, mutual_information
 from SlicerVoxelMorphLib.orientation import turned_header as turned
 from SlicerVoxelMorphLib.preprocess import NETWORK_AXES, grid_for, prepare
 
@@ -32,6 +32,21 @@ def brain() -> sitk.Image:
     rng = np.random.default_rng(3)
     noisy = t2 * (1 + 0.3 * (i - 0.5) + 0.2 * (k - 0.5)) + rng.normal(0, 0.03, array.shape)
     return to_image(noisy.astype(np.float32), grid.GetSpacing(), grid.GetOrigin())
+
+
+def test_mutual_information_matches_the_joint_histogram_definition():
+    rng = np.random.default_rng(5)
+    a = rng.random(20000) * 1.2 - 0.1  # values beyond [0, 1] count in the end bins
+    b = np.clip(a + rng.normal(0, 0.2, a.size), -0.5, 1.5)
+    a[:3], b[:3] = (0.0, 1.0, 0.5), (1.0, 0.0, 1.0)  # the edges of the range
+    joint, _, _ = np.histogram2d(np.clip(a, 0, 1), np.clip(b, 0, 1), bins=24, range=[[0, 1]] * 2)
+    p = joint / joint.sum()
+    outer = p.sum(1)[:, None] * p.sum(0)[None, :]
+    seen = p > 0
+    assert mutual_information(a, b) == pytest.approx(float((p[seen] * np.log(p[seen] / outer[seen])).sum()), abs=1e-12)
+    levels = np.repeat([0.1, 0.3, 0.6, 0.9], 1000)  # an image against itself: its entropy, log 4 for 4 even levels
+    assert mutual_information(levels, levels) == pytest.approx(np.log(4), abs=1e-12)
+    assert mutual_information(levels, np.full(levels.shape, 0.5)) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_the_24_rotations_map_axes_onto_axes_once_each():
