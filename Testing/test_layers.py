@@ -133,3 +133,16 @@ def test_sample_on_grid_of_a_permuted_flipped_map_matches_scipy_outside_too(padd
     for c in range(3):
         expected = map_coordinates(volume[c], np.moveaxis(index[..., ::-1], -1, 0), order=1, mode=mode)
         np.testing.assert_allclose(out[c], expected, atol=1e-5)
+
+
+def test_half_precision_velocities_and_images_are_integrated_and_sampled_in_single_precision():
+    # what CUDA's bf16 autocast hands the integration during training: it must not round the sampling grid
+    rng = np.random.default_rng(4)
+    coarse = torch.from_numpy(rng.normal(0, 4.0, (1, 3, 4, 4, 4)).astype(np.float32))
+    velocity = torch.nn.functional.interpolate(coarse, size=(24, 24, 24), mode="trilinear").to(torch.bfloat16)
+    half, single = VecInt(7)(velocity), VecInt(7)(velocity.float())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, single, rtol=0, atol=1e-5)
+    image = velocity[:, :1]
+    torch.testing.assert_close(SpatialTransformer()(image, single), SpatialTransformer()(image.float(), single),
+                               rtol=0, atol=1e-6)

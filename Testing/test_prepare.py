@@ -140,7 +140,9 @@ def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
-def test_cuda_out_of_memory_falls_back_to_the_cpu(pair, monkeypatch):
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"),
+                                   RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED (simulated)")])
+def test_cuda_out_of_memory_falls_back_to_the_cpu(pair, monkeypatch, error):
     from SlicerVoxelMorphLib import register as pipeline
 
     paths, _ = pair
@@ -149,7 +151,7 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(pair, monkeypatch):
     def once_out_of_memory(*args, **kwargs):
         calls.append(args[6])  # the device
         if len(calls) == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise error
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "_deform", once_out_of_memory)
@@ -157,6 +159,19 @@ def test_cuda_out_of_memory_falls_back_to_the_cpu(pair, monkeypatch):
     with pytest.warns(RuntimeWarning, match="running on the CPU"):
         result = pipeline.register(fixed, moving, model=None, refine_steps=2, device="cpu")
     assert len(calls) == 2 and str(calls[1]) == "cpu" and result.report["device"] == "cpu"
+
+
+def test_other_device_errors_are_not_taken_for_lack_of_memory(pair, monkeypatch):
+    from SlicerVoxelMorphLib import register as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+
+    monkeypatch.setattr(pipeline, "_deform", broken)
+    paths, _ = pair
+    fixed, moving = sitk.ReadImage(str(paths["fixed"])), sitk.ReadImage(str(paths["moving"]))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        pipeline.register(fixed, moving, model=None, refine_steps=2, device="cpu")
 
 
 def _brain_and_head() -> tuple[sitk.Image, sitk.Image, np.ndarray, np.ndarray]:

@@ -16,6 +16,12 @@ def identity_grid(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
 
 
+def at_least_single(dtype: torch.dtype) -> torch.dtype:
+    """Float32, or ``dtype`` if wider: sampling coordinates and integrated fields are never rounded to half
+    precision (bf16 autocast on CUDA hands the layers bf16 velocities; a bf16 grid is off by up to half a voxel)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class SpatialTransformer(nn.Module):
     """Warp ``source`` by ``flow``: out(x) = source(x + flow(x)), linear or nearest interpolation."""
 
@@ -31,7 +37,8 @@ class SpatialTransformer(nn.Module):
         scale = torch.tensor([2.0 / (n - 1) for n in shape], device=flow.device).view(1, 3, 1, 1, 1)
         coords = coords * scale - 1.0
         grid = coords.permute(0, 2, 3, 4, 1).flip(-1)  # grid_sample wants (x=W, y=H, z=D)
-        return F.grid_sample(source, grid.to(source.dtype), mode=self.mode, padding_mode="border",
+        dtype = at_least_single(source.dtype)
+        return F.grid_sample(source.to(dtype), grid.to(dtype), mode=self.mode, padding_mode="border",
                              align_corners=True)
 
 
@@ -45,7 +52,7 @@ class VecInt(nn.Module):
         self.steps = steps
 
     def forward(self, velocity: torch.Tensor) -> torch.Tensor:
-        flow = velocity / (2 ** self.steps)
+        flow = velocity.to(at_least_single(velocity.dtype)) / (2 ** self.steps)
         for _ in range(self.steps):
             flow = compose_flows(flow, flow)
         return flow
@@ -78,7 +85,8 @@ def sample_at(volume: torch.Tensor, index: torch.Tensor, padding: str = "zeros")
     shape = volume.shape[2:]
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape[::-1]], dtype=index.dtype, device=index.device)
     grid = (index * scale - 1.0).reshape(1, 1, 1, -1, 3)
-    out = F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode=padding, align_corners=True)
+    dtype = at_least_single(volume.dtype)
+    out = F.grid_sample(volume.to(dtype), grid.to(dtype), mode="bilinear", padding_mode=padding, align_corners=True)
     return out.reshape(volume.shape[1], *index.shape[:-1])
 
 

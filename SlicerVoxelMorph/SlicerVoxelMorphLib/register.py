@@ -307,16 +307,19 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         refiner = None
     fallbacks = (Refiner(**preset(RESCUE)), Refiner(**preset(ACCURATE))) if auto_refine else None
     polisher = Refiner(**preset(POLISH)) if polish and not (one_head or two_contrasts) else None
+    deformed = None
     try:
-        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, refiner, fallbacks,
-                                                          torch_device, clock, inverse, small_masks, from_identity,
-                                                          polisher)
-    except torch.cuda.OutOfMemoryError:
+        deformed = _deform(net, record, f_small, m_small, refiner, fallbacks, torch_device, clock, inverse,
+                           small_masks, from_identity, polisher)
+    except RuntimeError as error:
+        if not out_of_device_memory(error):
+            raise
+    if deformed is None:  # retried outside the handler, so that the failed attempt's tensors are freed first
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
-        flow, inverse_flow, used, deform_report = _deform(net, record, f_small, m_small, refiner, fallbacks,
-                                                          torch.device("cpu"), clock, inverse, small_masks,
-                                                          from_identity, polisher)
+        deformed = _deform(net, record, f_small, m_small, refiner, fallbacks, torch.device("cpu"), clock, inverse,
+                           small_masks, from_identity, polisher)
+    flow, inverse_flow, used, deform_report = deformed
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
 
@@ -373,6 +376,12 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     clock.stop()
     report["seconds"] = {**clock.seconds, "total": round(sum(clock.seconds.values()), 3)}
     return RegistrationResult(warped, displacement, jacobian, warped_labels, report, inverse_displacement)
+
+
+def out_of_device_memory(error: RuntimeError) -> bool:
+    """Whether ``error`` is the GPU running out of memory: torch's OutOfMemoryError, or cuDNN failing to allocate
+    its workspace (a plain RuntimeError)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "CUDNN_STATUS_ALLOC_FAILED" in str(error)
 
 
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refiner: Refiner | None,

@@ -517,8 +517,7 @@ class Trainer:
             "validation": validations[-1] if validations else {},
         }
         path = self.out / name
-        save_model(path, self.net.cpu(), c.spacing_mm, record)
-        self.net.to(self.device, memory_format=weight_layout(self.device))
+        save_model(path, self.net, c.spacing_mm, record)  # copies the weights to the CPU; the network stays
         return path
 
     def run(self, iterations: int | None = None, workers: int = 0) -> None:
