@@ -374,8 +374,8 @@ def test_a_full_resolution_velocity_is_refined_on_the_grid_the_presets_were_chos
 def test_fast_mode_polishes_a_pair_of_one_contrast_with_a_few_steps_and_not_a_pair_of_two(tmp_path, monkeypatch):
     """By default the network's result of a pair of one contrast gets the POLISH preset's few refinement steps
     (NCC): the refinement loss falls and the labels overlap better than with the network's field alone
-    (``--no-polish``, which leaves the report without a refinement). A pair of two contrasts is not polished
-    with NCC, even without the safety net that refines it with MIND-SSC."""
+    (``--no-polish`` or ``--refine 0``, which leave the report without a refinement). A pair of two contrasts is not
+    polished with NCC, even without the safety net that refines it with MIND-SSC."""
     import SimpleITK as sitk
 
     from SlicerVoxelMorphLib import register
@@ -389,6 +389,9 @@ def test_fast_mode_polishes_a_pair_of_one_contrast_with_a_few_steps_and_not_a_pa
     assert main([*base, *one, "--no-polish", "--out", str(tmp_path / "network")]) == 0
     network = json.loads((tmp_path / "network" / "report.json").read_text())
     assert "refinement" not in network and "polished" not in network
+    assert main([*base, *one, "--refine", "0", "--out", str(tmp_path / "zero")]) == 0  # no steps: none at all
+    zero = json.loads((tmp_path / "zero" / "report.json").read_text())
+    assert "refinement" not in zero and zero["mean_dice_after"] == network["mean_dice_after"]
     assert main([*base, *one, "--out", str(tmp_path / "polished")]) == 0
     polished = json.loads((tmp_path / "polished" / "report.json").read_text())
     assert polished["polished"] and not polished.get("auto_refined")

@@ -214,7 +214,7 @@ def run_register(args: argparse.Namespace) -> None:
                               refine_steps=refine_steps, accurate=args.accurate, similarity=args.similarity,
                               auto_refine=not args.no_auto_refine, affine=not args.no_affine, inverse=args.inverse,
                               smoothness=args.smoothness, progress=progress, checked=checked, working=working,
-                              polish=not args.no_polish)
+                              polish=not args.no_polish and args.refine != 0)  # --refine 0: no steps at all
     finally:
         sys.setswitchinterval(switch_interval)
         if bar is not None:
@@ -389,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refine the network's result by instance optimisation with the measured best schedule")
     r.add_argument("--refine", type=at_least(0),
                    help="expert: refinement steps instead of the presets (default: none beyond the safety net and Fast "
-                        "mode's three polishing steps, see --no-polish; 100 with --model none)")
+                        "mode's three polishing steps, see --no-polish; 100 with --model none); 0: no polishing "
+                        "either (the safety net stays: --no-auto-refine)")
     r.add_argument("--similarity", choices=["auto", "ncc", "mind"], default="auto",
                    help="refinement similarity: local NCC (same contrast), MIND-SSC (any contrast), auto (default)")
     r.add_argument("--no-auto-refine", action="store_true",
