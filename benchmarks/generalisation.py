@@ -135,6 +135,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--polish", action="store_true",
                         help="Fast mode's few refinement steps after the network (default: network only); with "
                              "--auto-refine: default settings")
+    parser.add_argument("--precision", choices=["auto", "float32"], default="auto",
+                        help="the network's convolutions (register's precision; auto: bfloat16 where native)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmark_output")
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result = register(f, m, fixed_labels=f_labels, moving_labels=m_scored, model=model,
                                       device="cpu", refine_steps=args.refine, auto_refine=args.auto_refine,
-                                      accurate=args.accurate, polish=args.polish)
+                                      accurate=args.accurate, polish=args.polish, precision=args.precision)
                     warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
                     report = result.report
                     refined = bool(report.get("auto_refined"))

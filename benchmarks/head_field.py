@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, model in models.items():
             start = time.perf_counter()
             result = register(deformed, head, model=model, device="cpu", accurate=args.accurate,
-                              auto_refine=args.auto_refine, polish=args.polish)
+                              auto_refine=args.auto_refine, polish=args.polish, precision=args.precision)
             u = sitk.GetArrayViewFromImage(result.displacement)[inside]
             after = float(np.linalg.norm(u - u_true, axis=1).mean())
             rows.append({"model": name, "subject": subject, "before": before, "after": after,

@@ -98,18 +98,18 @@ def timed_process(command: list[str], threads: int) -> tuple[float, float, str]:
 
 
 def run_tool(fixed: Path, fixed_labels: Path, image: Path, labels: Path, model: str, options: list[str],
-             threads: int, work: Path) -> dict:
+             threads: int, work: Path, precision: str = "auto") -> dict:
     """One ``slicer-voxelmorph register`` process: Dice, folding and stages from its report.json."""
     out = work / "tool"
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "SlicerVoxelMorphLib.cli", "register", "--fixed", str(fixed), "--moving",
                str(image), "--fixed-labels", str(fixed_labels), "--moving-labels", str(labels), "--model", model,
-               "--threads", str(threads), "--quiet", "--out", str(out), *options]
+               "--threads", str(threads), "--precision", precision, "--quiet", "--out", str(out), *options]
     seconds, peak_mb, _ = timed_process(command, threads)
     report = json.loads((out / "report.json").read_text())
     return {"mean_dice": report["mean_dice_after"], "folding_percent": report["folding_percent"],
             "seconds": seconds, "peak_mb": peak_mb, "before": report["mean_dice_before"], "stages": report["seconds"],
-            "device": report["device"]}
+            "device": f"{report['device']} ({report.get('precision', 'float32')} network)"}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scan-to-scan", action="store_true",
                         help="register each subject to the next one of the list instead of the atlas")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch, ITK and ANTs (default 2)")
+    parser.add_argument("--precision", choices=["auto", "float32"], default="auto",
+                        help="this tool's --precision (auto: bfloat16 convolutions where the hardware has them)")
     parser.add_argument("--out", default="benchmark_output", help="output folder (default benchmark_output)")
     args = parser.parse_args(argv)
 
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work:
         for subject, (image, labels, fixed_path, fixed_labels_path) in pairs.items():
             found = {method: median_run([run_tool(fixed_path, fixed_labels_path, image, labels, args.model, options,
-                                                  args.threads, Path(work)) for _ in range(max(1, args.repeats))])
+                                                  args.threads, Path(work), args.precision)
+                                         for _ in range(max(1, args.repeats))])
                      for method, options in presets.items()}
             if ants_version:
                 found[ANTS] = run_ants(fixed_path, fixed_labels_path, image, labels, args.threads)

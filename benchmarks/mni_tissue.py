@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result = register(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, model=model,
                                   device="cpu", auto_refine=args.auto_refine, accurate=args.accurate,
-                                  polish=args.polish)
+                                  polish=args.polish, precision=args.precision)
                 warped, folding = sitk.GetArrayFromImage(result.warped_labels), result.report["folding_percent"]
                 refined = bool(result.report.get("auto_refined"))
             seconds = time.perf_counter() - start

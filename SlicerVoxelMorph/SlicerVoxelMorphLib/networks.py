@@ -122,14 +122,16 @@ class VxmDense(nn.Module):
     def velocity(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """Velocity field in voxels of its own grid (half the input size with ``half_res`` and no fine stage)."""
         size = tuple(fixed.shape[2:])
-        velocity = self.flow(self.unet(torch.cat([moving, fixed], dim=1)))
+        velocity = single_precision(self.flow, self.unet(torch.cat([moving, fixed], dim=1)))
         if self.config["residual_stage"]:
             warped = self.transformer(moving, self.displacement(velocity, size))
-            velocity = velocity + self.residual_flow(self.residual_unet(torch.cat([warped, fixed], dim=1)))
+            features = self.residual_unet(torch.cat([warped, fixed], dim=1))
+            velocity = velocity + single_precision(self.residual_flow, features)
         if self.config["fine_stage"]:
             warped = self.transformer(moving, self.displacement(velocity, size))
             coarse = ResizeTransform(size[0] / velocity.shape[2])(velocity, size)
-            velocity = coarse + self.fine_flow(self.fine_unet(torch.cat([warped, fixed], dim=1)))
+            features = self.fine_unet(torch.cat([warped, fixed], dim=1))
+            velocity = coarse + single_precision(self.fine_flow, features)
         return velocity
 
     def displacement(self, velocity: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -140,6 +142,13 @@ class VxmDense(nn.Module):
         velocity = self.velocity(moving, fixed)
         flow = self.displacement(velocity, tuple(fixed.shape[2:]))
         return self.transformer(moving, flow), flow, velocity
+
+
+def single_precision(head: nn.Conv3d, features: torch.Tensor) -> torch.Tensor:
+    """A flow head's velocity in float32 whatever autocast runs the UNets in (``devices.network_dtype``): the
+    stages' velocities add up, and a bfloat16 velocity of a few voxels is rounded to about 0.02 voxel."""
+    with torch.autocast(features.device.type, enabled=False):
+        return head(features.float())
 
 
 def flow_head(channels: int) -> nn.Conv3d:

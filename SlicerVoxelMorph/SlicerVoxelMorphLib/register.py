@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import images, losses, metrics
-from .devices import pick_device, weight_layout
+from .devices import network_dtype, pick_device, weight_layout
 from .errors import InputError
 from .inputs import CheckedInputs, check_inputs
 from .layers import (
@@ -164,7 +164,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None, smoothness: float = 1.0,
              fixed_points: np.ndarray | None = None, moving_points: np.ndarray | None = None,
              progress: Callable[[str, float], None] | None = None, checked: CheckedInputs | None = None,
-             working: WorkingPair | None = None, polish: bool = True) -> RegistrationResult:
+             working: WorkingPair | None = None, polish: bool = True, precision: str = "auto") -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (any 3D scalar images, any geometry); inputs are not modified.
 
     Refinement: ``accurate`` (the ACCURATE preset; RESCUE without a model, SAME_HEAD for two scans of one head,
@@ -184,6 +184,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
+    ``precision``: 'auto' runs the network's convolutions in bfloat16 where the device computes it natively
+    (``devices.network_dtype``; report: ``precision``), 'float32' always in float32.
     Landmarks ``fixed_points`` / ``moving_points`` (N x 3, LPS mm, matched by row) give the target
     registration error before (identity) and after, per point and mean, in the report.
     ``affine_transform``: the affine already found for this pair (``preprocess.affine_align``, fixed to
@@ -212,6 +214,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     model_path = resolve_model(model)
     net, record = load_model(model_path) if model_path is not None else (None, {})
     torch_device = pick_device(device)
+    dtype = network_dtype(torch_device, precision)
 
     if working is not None:  # as the caller built it: its transform and masks
         clock("affine")
@@ -310,7 +313,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     deformed = None
     try:
         deformed = _deform(net, record, f_small, m_small, refiner, fallbacks, torch_device, clock, inverse,
-                           small_masks, from_identity, polisher)
+                           small_masks, from_identity, polisher, dtype)
     except RuntimeError as error:
         if not out_of_device_memory(error):
             raise
@@ -318,7 +321,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         warnings.warn("CUDA ran out of memory; running on the CPU instead", RuntimeWarning, stacklevel=2)
         torch.cuda.empty_cache()
         deformed = _deform(net, record, f_small, m_small, refiner, fallbacks, torch.device("cpu"), clock, inverse,
-                           small_masks, from_identity, polisher)
+                           small_masks, from_identity, polisher, network_dtype(torch.device("cpu"), precision))
     flow, inverse_flow, used, deform_report = deformed
     if auto_reason is not None:
         deform_report.update(auto_refined=True, auto_refine_reason=auto_reason)
@@ -387,7 +390,8 @@ def out_of_device_memory(error: RuntimeError) -> bool:
 def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refiner: Refiner | None,
             fallbacks: tuple[Refiner, Refiner] | None, device: torch.device, clock: _Clock, inverse: bool = False,
             masks: list[torch.Tensor | None] | None = None, from_identity: bool = False,
-            polisher: Refiner | None = None) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
+            polisher: Refiner | None = None,
+            dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray | None, torch.device, dict]:
     """Network prediction and optional refinement of ``fixed`` and ``moving`` at the network's image level
     (the working grid downsampled by the model's factor, as are the 0/1 ``masks``); returns the
     displacement (3, d, h, w) in voxels of that level, with ``inverse`` that of the inverse (the velocity
@@ -400,7 +404,8 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     (the network's result is then only reported). A network result that aligns the pair no better than the
     affine alone (MIND-SSC distance) is refined with the first of ``fallbacks`` when they are given, one that
     improves on it less than the network does on its training data (WEAK_NETWORK_RATIO) with the second; a
-    network result that nothing refines is refined by ``polisher`` when one is given.
+    network result that nothing refines is refined by ``polisher`` when one is given. The network runs under
+    autocast to ``dtype`` when one is given (None: float32).
     """
     fixed_small, moving_small = fixed.to(device), moving.to(device)
     fixed_mask, moving_mask = (None if mask is None else mask.to(device) for mask in (masks or [None, None]))
@@ -410,7 +415,9 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     if net is not None:
         with torch.no_grad():
             net = net.to(device, memory_format=weight_layout(device))
-            velocity = net.velocity(moving_small, fixed_small).contiguous()
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                velocity = net.velocity(moving_small, fixed_small).contiguous()
+            info["precision"] = str(dtype or torch.float32).removeprefix("torch.")
             flow = displacement_from_velocity(velocity, size, int_steps)
             descriptors = mind_ssc(moving_small), mind_ssc(fixed_small)  # for both alignment checks
             info["alignment"] = alignment(*descriptors, flow)
