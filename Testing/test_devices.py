@@ -1,4 +1,4 @@
-"""The networks' precision: bfloat16 convolutions where the hardware computes them, float32 velocities always."""
+"""The network's precision: bfloat16 convolutions on CPUs that compute them natively, float32 velocities always."""
 
 import numpy as np
 import pytest
@@ -24,6 +24,11 @@ def native(monkeypatch, supported: bool) -> None:
 def test_bfloat16_only_where_native_and_asked_for(monkeypatch, supported, precision, expected):
     native(monkeypatch, supported)
     assert devices.network_dtype(CPU, precision) is expected
+
+
+def test_cuda_stays_float32_until_measured_there(monkeypatch):
+    native(monkeypatch, True)
+    assert devices.network_dtype(torch.device("cuda"), "auto") is None
 
 
 def test_an_unknown_precision_is_an_input_error():

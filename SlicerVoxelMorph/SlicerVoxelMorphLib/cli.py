@@ -387,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(classical), or a file")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--precision", default="auto", choices=["auto", "float32"],
-                   help="the network's convolutions: 'auto' (default) in bfloat16 where the CPU or GPU computes it "
-                        "natively (AVX512-BF16, AMX; about twice as fast, Dice within 0.001), 'float32' always")
+                   help="the network's convolutions: 'auto' (default) in bfloat16 on a CPU that computes it natively "
+                        "(AVX512-BF16, AMX; about twice as fast, the same Dice), else and with 'float32' in float32")
     r.add_argument("--accurate", action="store_true",
                    help="refine the network's result by instance optimisation with the measured best schedule")
     r.add_argument("--refine", type=at_least(0),

@@ -31,22 +31,22 @@ def weight_layout(device: torch.device) -> torch.memory_format:
 PRECISIONS = ("auto", "float32")
 
 
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 convolutions in hardware: CUDA GPUs that support it, CPUs with
-    AVX512-BF16 or AMX (elsewhere oneDNN emulates bfloat16, slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions in hardware (AVX512-BF16 or AMX; elsewhere oneDNN emulates
+    bfloat16, slower than float32)."""
     detectors = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(detect() for detect in detectors if detect is not None)
 
 
 def network_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """The dtype the networks' convolutions run in under autocast on ``device`` at inference (None: float32, no
-    autocast): bfloat16 with ``precision`` 'auto' where ``native_bfloat16``, else float32. Velocities, sampling
-    grids and integration stay float32 (``networks.single_precision``, ``layers.at_least_single``), and so do the
-    weights. On 2 cores with AVX512-BF16 synth_fine's velocity took 0.81 -> 0.43 s (README, Measured). Training on
-    the CPU stays float32: oneDNN's bfloat16 backward pass was not repeatable on inputs of 16-32 voxels a side
-    (and once gave NaN weights), while inference was (every bundled network, 16 to 80 voxels a side)."""
+    autocast): bfloat16 with ``precision`` 'auto' on a CPU that has it natively, else float32 (on CUDA too, where
+    it has not been measured yet). Velocities, sampling grids and integration stay float32
+    (``networks.single_precision``, ``layers.at_least_single``), and so do the weights. On 2 cores with
+    AVX512-BF16 synth_fine's velocity took 0.81 -> 0.43 s (README, Measured). Training on the CPU stays float32:
+    oneDNN's bfloat16 backward pass was not repeatable on inputs of 16-32 voxels a side (and once gave NaN
+    weights), while inference was (every bundled network, 16 to 80 voxels a side)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    return torch.bfloat16 if precision == "auto" and native_bfloat16(device) else None
+    native = device.type == "cpu" and cpu_has_native_bfloat16()
+    return torch.bfloat16 if precision == "auto" and native else None

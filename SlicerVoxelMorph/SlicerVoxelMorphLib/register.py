@@ -184,7 +184,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     Masks (binary, on their image's grid) hide what is outside them from the affine metric, the network and the
     refinement similarity (lesions, skull, electrodes); the working grid and the metrics follow the
     fixed mask. ``smoothness`` scales the refinement's regulariser (higher: smoother, less folding).
-    ``precision``: 'auto' runs the network's convolutions in bfloat16 where the device computes it natively
+    ``precision``: 'auto' runs the network's convolutions in bfloat16 on a CPU that computes it natively
     (``devices.network_dtype``; report: ``precision``), 'float32' always in float32.
     Landmarks ``fixed_points`` / ``moving_points`` (N x 3, LPS mm, matched by row) give the target
     registration error before (identity) and after, per point and mean, in the report.
