@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,14 +189,42 @@ def _image(size, spacing):
     return image
 
 
-def test_ct_sized_and_small_animal_images_are_refused_in_one_line():
+def test_a_pair_that_needs_more_memory_than_is_available_is_refused_in_one_line(monkeypatch):
+    from SlicerVoxelMorphLib import inputs
     from SlicerVoxelMorphLib.errors import InputError
     from SlicerVoxelMorphLib.register import register
 
-    ct = _image((512, 512, 300), (0.8, 0.8, 1.0))
-    with pytest.raises(InputError, match=r"512x512x300 = 79 M voxels.*coarser spacing") as error:
-        register(ct, ct, model="none")
+    ct, brain = _image((512, 512, 300), (0.8, 0.8, 1.0)), _image((160, 192, 160), (1.0, 1.0, 1.0))
+    # 0.8 GB + 60 bytes a fixed voxel + 25 a moving voxel (inputs.py), rounded
+    assert inputs.peak_memory(ct, brain) == pytest.approx(0.8e9 + 60 * 512 * 512 * 300 + 25 * 160 * 192 * 160)
+    monkeypatch.setattr(inputs, "available_memory", lambda: 4e9)
+    with pytest.raises(InputError, match=r"fixed image 512x512x300 \(79 M voxels\), moving image 160x192x160 \(5 M "
+                                         r"voxels\): registering them needs about 5.6 GB of memory, 4.0 GB is "
+                                         r"available: resample to a coarser spacing") as error:
+        register(ct, brain, model="none")
     assert "\n" not in str(error.value)
+    inputs.check_inputs(brain, ct)  # 0.8 + 0.29 + 1.97 GB: fits
+    monkeypatch.setattr(inputs, "available_memory", lambda: None)  # unknown: 8 GB assumed
+    inputs.check_inputs(ct, ct)  # 7.5 GB
+    monkeypatch.setattr(inputs, "ASSUMED_MEMORY", 7e9)
+    with pytest.raises(InputError, match=r"needs about 7\.5 GB of memory, 7\.0 GB is available"):
+        inputs.check_inputs(ct, ct)
+
+
+def test_available_memory_is_what_the_system_reports():
+    from SlicerVoxelMorphLib import inputs
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo here")
+    line = next(line for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:"))
+    assert inputs.available_memory() == pytest.approx(float(line.split()[1]) * 1024, rel=0.2)
+
+
+def test_small_animal_images_and_thin_slabs_are_refused_in_one_line():
+    from SlicerVoxelMorphLib.errors import InputError
+    from SlicerVoxelMorphLib.register import register
+
     mouse = _image((100, 120, 80), (0.1, 0.1, 0.1))
     with pytest.raises(InputError, match="at least 32 mm"):
         register(mouse, mouse, model="none")

@@ -24,8 +24,6 @@ if TYPE_CHECKING:  # orientation imports this module
 LOWER_PERCENTILE, UPPER_PERCENTILE = 0.5, 99.5
 WORKING_SPACING_MM = 1.0
 GRID_MULTIPLE = 16  # the UNet's four poolings
-MAX_VOXELS = 20_000_000  # per input image: outputs on the fixed grid take ~150 bytes a voxel at peak
-BYTES_PER_VOXEL = 150  # measured: LPBA40 pair, 4.9 M fixed voxels, 1.2 GB peak resident memory
 AFFINE_SMOOTHING_MM = 2.0  # Gaussian sigma of the affine stage
 # fraction of the shrunk voxels the affine metric samples: LPBA40 S35..S40 -> S01, fast mode, mean Dice
 # 0.7200 with every voxel (1.28 s), 0.7207 with a quarter (0.50 s), 0.7182 with a tenth (0.27 s)
@@ -67,14 +65,8 @@ def scale_to_window(array: np.ndarray, lower: float, upper: float) -> np.ndarray
 
 
 def check_scale(image: sitk.Image, what: str = "image") -> sitk.Image:
-    """Refuse images the engine cannot register within bounded memory or at its working resolution."""
-    size = np.array(image.GetSize())
-    voxels = int(size.prod())
-    if voxels > MAX_VOXELS:
-        raise InputError(f"{what} has {'x'.join(map(str, size))} = {voxels / 1e6:.0f} M voxels, more than the "
-                         f"{MAX_VOXELS / 1e6:.0f} M supported (peak memory about {voxels * BYTES_PER_VOXEL / 1e9:.0f} "
-                         "GB): resample it to a coarser spacing (1 mm is enough for the network) or crop it first")
-    extent = size * np.array(image.GetSpacing())
+    """Refuse images too small for the engine's working resolution (memory: ``inputs.check_memory``)."""
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
     if extent.min() < MIN_EXTENT_MM:
         raise InputError(f"{what} is only {' x '.join(f'{e:.1f}' for e in extent)} mm: registration works on a "
                          f"{WORKING_SPACING_MM:g} mm grid for human-sized anatomy and needs at least "

@@ -117,6 +117,7 @@ SAME_HEAD_SCORE = 0.90
 # (benchmarks/generalisation.py variants):
 # inverted and T2-like 6 of 6, non-monotone 5, FLAIR-like 4, plain, monotone and synthetic head 0.
 TAPER_MM = 20.0  # outside the working grid the deformation fades to zero over this distance
+SLAB_VOXELS = 2_000_000  # the composed field is computed this many voxels of the fixed grid at a time
 
 
 @dataclass
@@ -511,9 +512,17 @@ def _field(flow: np.ndarray, grid: sitk.Image, before: np.ndarray, after: np.nda
     shift[:3, 3] = pad
     shape = reference.GetSize()[::-1]
     to_grid = shift @ np.linalg.inv(images.index_to_physical(grid)) @ before @ images.index_to_physical(reference)
-    total = affine_on_grid((after @ before - np.eye(4)) @ images.index_to_physical(reference), shape)
-    total += sample_on_grid(tapered, to_grid, shape)[0].permute(1, 2, 3, 0)
-    return images.displacement_image(total.numpy(), reference, np.float32)
+    linear = (after @ before - np.eye(4)) @ images.index_to_physical(reference)
+    out = np.empty((*shape, 3), np.float32)
+    rows = max(1, SLAB_VOXELS // (shape[1] * shape[2]))
+    for first in range(0, shape[0], rows):  # slabs of K: the working buffers stay small on a large fixed grid
+        slab = (min(rows, shape[0] - first), *shape[1:])
+        offset = np.eye(4)
+        offset[2, 3] = first  # the slab's index (i, j, k) -> the reference's (i, j, k + first)
+        total = affine_on_grid(linear @ offset, slab)
+        total += sample_on_grid(tapered, to_grid @ offset, slab)[0].permute(1, 2, 3, 0)
+        out[first:first + slab[0]] = total.numpy()
+    return images.displacement_image(out, reference, np.float32)
 
 
 def _tapered(vectors: torch.Tensor, grid: sitk.Image) -> tuple[torch.Tensor, list[int]]:
