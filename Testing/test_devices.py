@@ -26,6 +26,17 @@ def test_bfloat16_only_where_native_and_asked_for(monkeypatch, supported, precis
     assert devices.network_dtype(CPU, precision) is expected
 
 
+@pytest.mark.parametrize(("depth", "expected"), [(80, torch.bfloat16), (64, torch.bfloat16), (48, torch.bfloat16),
+                                               (32, None), (16, None)])
+def test_training_steps_use_bfloat16_unless_a_unet_level_is_two_voxels_deep(monkeypatch, depth, expected):
+    native(monkeypatch, True)  # 32 -> 16, 8, 4, 2 and 16 -> 8, 4, 2: oneDNN's bfloat16 backward fails at depth 2
+    assert devices.training_dtype(CPU, depth) is expected
+    assert devices.training_dtype(CPU, depth, "float32") is None
+    assert devices.training_dtype(torch.device("cuda"), depth) is torch.bfloat16  # mixed precision, as before
+    native(monkeypatch, False)
+    assert devices.training_dtype(CPU, depth) is None
+
+
 def test_cuda_stays_float32_until_measured_there(monkeypatch):
     native(monkeypatch, True)
     assert devices.network_dtype(torch.device("cuda"), "auto") is None
@@ -70,7 +81,7 @@ def test_register_reports_the_precision_and_bfloat16_gives_the_float32_result_wi
     fixed = to_image(image, (2.0, 2.0, 2.0))
     moving = deform(fixed, smooth_field(fixed, amplitude=6.0, seed=3, sigma_mm=20.0), sitk.sitkLinear)
     native(monkeypatch, True)
-    settings = {"auto_refine": False, "polish": False, "affine": False}
+    settings = {"auto_refine": False, "polish": False, "affine": False, "device": "cpu"}
     fast = register(fixed, moving, **settings)
     native(monkeypatch, False)
     plain = register(fixed, moving, **settings)

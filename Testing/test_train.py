@@ -11,8 +11,9 @@ from SlicerVoxelMorphLib.cli import main
 from SlicerVoxelMorphLib.models import load_model
 
 
-def _dataset(tmp_path, n: int = 4):
-    image, labels = phantom((32, 32, 32), seed=0)
+def _dataset(tmp_path, n: int = 4, shape: tuple[int, int, int] = (32, 32, 32)):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    image, labels = phantom(shape, seed=0)
     base, base_labels = to_image(image), to_image(labels)
     (tmp_path / "img").mkdir()
     (tmp_path / "lab").mkdir()
@@ -45,6 +46,31 @@ def test_train_resume_is_exact_and_writes_a_model(tmp_path):
     assert rec_a["training"]["iterations"] == 6
     assert rec_a["training"]["val_subjects"] == ["S3"]
     assert (tmp_path / "straight" / "learning_curves.png").stat().st_size > 0
+
+
+def test_bfloat16_training_resumes_exactly_and_float32_is_kept_where_a_level_is_two_voxels_deep(tmp_path):
+    from SlicerVoxelMorphLib.devices import cpu_has_native_bfloat16
+    from SlicerVoxelMorphLib.train import TrainConfig, Trainer
+
+    if not cpu_has_native_bfloat16():
+        pytest.skip("this CPU has no native bfloat16")
+    images, labels = _dataset(tmp_path, shape=(96, 32, 32))  # 48 voxels deep at the network level
+    paths, label_paths = (sorted(str(p) for p in folder.iterdir()) for folder in (images, labels))
+    deep = Trainer(TrainConfig(images=paths, labels=label_paths), tmp_path / "deep", torch.device("cpu"))
+    assert deep.grid.GetSize()[2] // deep.factor == 48 and deep.dtype is torch.bfloat16
+    _train(images, labels, tmp_path / "straight")
+    _train(images, labels, tmp_path / "chunked", "--chunk", "3")
+    _train(images, labels, tmp_path / "chunked", "--resume")
+    (a, record), (b, _) = (load_model(tmp_path / run / "model.pt") for run in ("straight", "chunked"))
+    assert record["training"]["hardware"].endswith("bfloat16 convolutions")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.isfinite(pa).all(), name
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    shallow_images, shallow_labels = _dataset(tmp_path / "small")  # 16 deep: float32
+    shallow = Trainer(TrainConfig(images=sorted(str(p) for p in shallow_images.iterdir()),
+                                  labels=sorted(str(p) for p in shallow_labels.iterdir())), tmp_path / "s",
+                      torch.device("cpu"))
+    assert shallow.grid.GetSize()[2] // shallow.factor == 16 and shallow.dtype is None
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -109,7 +109,7 @@ def run_tool(fixed: Path, fixed_labels: Path, image: Path, labels: Path, model: 
     report = json.loads((out / "report.json").read_text())
     return {"mean_dice": report["mean_dice_after"], "folding_percent": report["folding_percent"],
             "seconds": seconds, "peak_mb": peak_mb, "before": report["mean_dice_before"], "stages": report["seconds"],
-            "device": f"{report['device']} ({report.get('precision', 'float32')} network)"}
+            "device": report["device"] + (f" ({report['precision']} network)" if "precision" in report else "")}
 
 
 def median_run(runs: list[dict]) -> dict:

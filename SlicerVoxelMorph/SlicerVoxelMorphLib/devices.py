@@ -43,10 +43,27 @@ def network_dtype(device: torch.device, precision: str = "auto") -> torch.dtype 
     autocast): bfloat16 with ``precision`` 'auto' on a CPU that has it natively, else float32 (on CUDA too, where
     it has not been measured yet). Velocities, sampling grids and integration stay float32
     (``networks.single_precision``, ``layers.at_least_single``), and so do the weights. On 2 cores with
-    AVX512-BF16 synth_fine's velocity took 0.81 -> 0.43 s (README, Measured). Training on the CPU stays float32:
-    oneDNN's bfloat16 backward pass was not repeatable on inputs of 16-32 voxels a side (and once gave NaN
-    weights), while inference was (every bundled network, 16 to 80 voxels a side)."""
+    AVX512-BF16 synth_fine's velocity took 0.81 -> 0.43 s (README, Measured); inference was repeatable for every
+    bundled network from 16 to 80 voxels a side (training: ``training_dtype``)."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     native = device.type == "cpu" and cpu_has_native_bfloat16()
     return torch.bfloat16 if precision == "auto" and native else None
+
+
+# a UNet's convolutions see its input's depth (first spatial size) halved by each of its poolings (networks.FEATURES)
+UNET_POOLINGS = 4
+
+
+def training_dtype(device: torch.device, depth: int, precision: str = "auto") -> torch.dtype | None:
+    """The dtype of the networks' convolutions in a training step under autocast (None: float32) for a network input
+    ``depth`` voxels deep: bfloat16 on CUDA (mixed precision, as before) and, with ``precision`` 'auto', on a CPU
+    with native bfloat16 unless a UNet level is 2 voxels deep. There oneDNN's bfloat16 3D convolution backward
+    pass returns garbage (values of 1e37, NaN; the forward pass is exact), whatever the other sizes; with depths of
+    1 and 3 to 8 it was repeatable. A same_head training step on LPBA40 (80 voxels deep): 0.99 -> 0.70 s."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if device.type == "cuda":
+        return torch.bfloat16
+    depths = [depth // 2**level for level in range(UNET_POOLINGS + 1)]
+    return torch.bfloat16 if precision == "auto" and cpu_has_native_bfloat16() and 2 not in depths else None

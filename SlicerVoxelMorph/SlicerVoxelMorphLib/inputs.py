@@ -4,6 +4,7 @@ its slow stages (the affine alignment, the torch import) and ``register`` checks
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -69,20 +70,29 @@ def check_inputs(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Im
 
 # peak resident memory of a command-line registration (register, all outputs written), fitted on LPBA40 pairs at 1 and
 # 0.7 mm (4.9 and 14.4 M voxels each, 2026-12-08): 1.09 GB at 4.9 M + 4.9 M, +52 bytes a voxel of the fixed image
-# (the outputs live on its grid), +19 a voxel of the moving one; rounded up
-BASE_BYTES, BYTES_PER_FIXED_VOXEL, BYTES_PER_MOVING_VOXEL = 0.8e9, 60, 25
-ASSUMED_MEMORY = 8e9  # bytes, where the available memory cannot be read
+# (the outputs live on its grid), +19 a voxel of the moving one; rounded up, and 12 bytes a moving voxel more for the
+# inverse field of --inverse
+BASE_BYTES, BYTES_PER_FIXED_VOXEL, BYTES_PER_MOVING_VOXEL = 0.8e9, 60, 32
+ASSUMED_MEMORY = 8e9  # bytes, where the available memory cannot be read (Windows)
+MEMINFO, CGROUP = Path("/proc/meminfo"), Path("/sys/fs/cgroup")
 
 
 def available_memory() -> float | None:
-    """Bytes of memory available now (Linux: MemAvailable), else the physical memory (sysconf), else None."""
+    """Bytes of memory available now: Linux's MemAvailable, less where a cgroup (a container) allows less; else
+    the physical memory (sysconf: macOS); else None."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
+        lines = MEMINFO.read_text().splitlines()
     except OSError:
-        pass
+        lines = []
+    free = [float(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+    if free:
+        try:
+            limit, used = ((CGROUP / name).read_text().strip() for name in ("memory.max", "memory.current"))
+            if limit != "max":
+                return min(free[0], float(limit) - float(used))
+        except (OSError, ValueError):
+            pass
+        return free[0]
     try:
         return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):

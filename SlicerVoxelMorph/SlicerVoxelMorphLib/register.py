@@ -206,6 +206,8 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
         raise InputError(f"refine steps must be >= 0, not {refine_steps}")
     if similarity not in SIMILARITIES:
         raise InputError(f"similarity must be one of {', '.join(SIMILARITIES)}, not {similarity!r}")
+    torch_device = pick_device(device)
+    dtype = network_dtype(torch_device, precision)
     checked = checked or check_inputs(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
                                       fixed_mask=fixed_mask, moving_mask=moving_mask, smoothness=smoothness,
                                       fixed_points=fixed_points, moving_points=moving_points)
@@ -214,8 +216,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, *, fixed_labels: sitk.Image 
     fixed_ids, moving_ids, ids = checked.fixed_ids, checked.moving_ids, checked.shared_ids
     model_path = resolve_model(model)
     net, record = load_model(model_path) if model_path is not None else (None, {})
-    torch_device = pick_device(device)
-    dtype = network_dtype(torch_device, precision)
 
     if working is not None:  # as the caller built it: its transform and masks
         clock("affine")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses, metrics, variants
-from .devices import weight_layout
+from .devices import training_dtype, weight_layout
 from .errors import Cancelled, InputError
 from .files import atomic_path
 from .images import check_image, check_labels, read_image
@@ -139,10 +139,13 @@ class Trainer:
     """Holds data, network and optimiser; ``run`` trains with validation and checkpoints."""
 
     def __init__(self, config: TrainConfig, out: Path, device: torch.device,
-                 progress: Callable[[str, float], None] | None = None, warm_start: bool = True) -> None:
+                 progress: Callable[[str, float], None] | None = None, warm_start: bool = True,
+                 precision: str = "auto") -> None:
         self.config, self.out, self.device = config, Path(out), device
         self.progress = progress or (lambda stage, fraction: None)
         self._load_data()
+        # a property of the machine, like the device, not of the recipe (a run may resume in another precision)
+        self.dtype = training_dtype(device, self.grid.GetSize()[2] // self.factor, precision)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         self.net = VxmDense(config.features, config.half_res, config.int_steps, config.residual_stage,
@@ -351,8 +354,7 @@ class Trainer:
         *tensors, kind = batch  # "real", "synthetic", or "known" and "rescan" (label overlap, plus the known flow)
         use_similarity = kind == "real"
         moving, fixed, m_soft, f_soft, known = (t.to(self.device) if t is not None else None for t in tensors)
-        amp = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             warped, flow, velocity = self.net(moving, fixed)
         smooth = losses.grad(velocity.float())
         loss = c.smooth_weight * smooth
@@ -473,7 +475,7 @@ class Trainer:
         score = row.get("val_worst")
         if score is not None and score > self.best_score:
             self.best_score = score
-            self.export_model(hardware_description(self.device), "best_model.pt")
+            self.export_model(hardware_description(self.device, self.dtype), "best_model.pt")
 
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
@@ -668,9 +670,8 @@ def plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def hardware_description(device: torch.device) -> str:
-    """Device and thread count, for the model card."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
+def hardware_description(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Device, thread count and the training steps' convolution precision, for the model card."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return name + (f", {str(dtype).removeprefix('torch.')} convolutions" if dtype is not None else "")
 
