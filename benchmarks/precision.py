@@ -7,31 +7,13 @@ machine weighs on both alike. Per precision: median seconds of the call and of i
 """
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from lpba40 import ATLAS, DEFAULT_DATA, find_file, find_subject
+from lpba40 import ATLAS, DEFAULT_DATA, find_file, find_subject, run_tool
 
 PRECISIONS = ("float32", "auto")
-
-
-def one_call(fixed: Path, fixed_labels: Path, image: Path, labels: Path, precision: str, threads: int,
-             out: Path) -> dict:
-    """Seconds of one Fast-mode call as a process, its network stage, Dice and the precision it reports."""
-    command = [sys.executable, "-m", "SlicerVoxelMorphLib.cli", "register", "--fixed", str(fixed), "--moving",
-               str(image), "--fixed-labels", str(fixed_labels), "--moving-labels", str(labels), "--threads",
-               str(threads), "--precision", precision, "--quiet", "--overwrite", "--out", str(out)]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    seconds = time.perf_counter() - start
-    report = json.loads((out / "report.json").read_text())
-    return {"seconds": seconds, "network": report["seconds"]["network"], "dice": report["mean_dice_after"],
-            "reported": report["precision"]}
 
 
 def main() -> None:
@@ -50,17 +32,19 @@ def main() -> None:
             for subject in args.subjects.split(","):
                 image, labels = find_subject(data, subject)
                 for precision in PRECISIONS:
-                    runs[precision].append(one_call(fixed, fixed_labels, image, labels, precision, args.threads,
-                                                    Path(work) / "out"))
+                    runs[precision].append(run_tool(fixed, fixed_labels, image, labels, "bundled", [], args.threads,
+                                                    Path(work), precision))
     lines = [f"# Precision: LPBA40 {args.subjects} -> {ATLAS}, Fast mode, {args.rounds} interleaved rounds, "
              f"{args.threads} threads", "",
-             "| --precision | reported | calls | median seconds a call | median network stage (s) | mean Dice |",
+             "| --precision | device (report.json) | calls | median seconds a call | median network stage (s) "
+             "| mean Dice |",
              "|---|---|---|---|---|---|"]
     for precision, found in runs.items():
-        reported = ", ".join(sorted({r["reported"] for r in found}))
-        seconds, network = (statistics.median(r[key] for r in found) for key in ("seconds", "network"))
+        reported = ", ".join(sorted({r["device"] for r in found}))
+        seconds = statistics.median(r["seconds"] for r in found)
+        network = statistics.median(r["stages"]["network"] for r in found)
         lines.append(f"| {precision} | {reported} | {len(found)} | {seconds:.2f} | {network:.2f} "
-                     f"| {statistics.mean(r['dice'] for r in found):.4f} |")
+                     f"| {statistics.mean(r['mean_dice'] for r in found):.4f} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "precision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -61,9 +61,12 @@ def training_dtype(device: torch.device, depth: int, precision: str = "auto") ->
     with native bfloat16 unless a UNet level is 2 voxels deep. There oneDNN's bfloat16 3D convolution backward
     pass returns garbage (values of 1e37, NaN; the forward pass is exact), whatever the other sizes; with depths of
     1 and 3 to 8 it was repeatable. A same_head training step on LPBA40 (80 voxels deep): 0.99 -> 0.70 s."""
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    inference = network_dtype(device, precision)  # the CPU's rule (and the check of ``precision``)
     if device.type == "cuda":
         return torch.bfloat16
-    depths = [depth // 2**level for level in range(UNET_POOLINGS + 1)]
-    return torch.bfloat16 if precision == "auto" and cpu_has_native_bfloat16() and 2 not in depths else None
+    return None if 2 in [depth // 2**level for level in range(UNET_POOLINGS + 1)] else inference
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast of the networks' convolutions to ``dtype`` on ``device``; off for None (float32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

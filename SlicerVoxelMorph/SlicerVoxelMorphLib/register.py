@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import images, losses, metrics
-from .devices import network_dtype, pick_device, weight_layout
+from .devices import autocast, network_dtype, pick_device, weight_layout
 from .errors import InputError
 from .inputs import CheckedInputs, check_inputs
 from .layers import (
@@ -416,7 +416,7 @@ def _deform(net, record: dict, fixed: torch.Tensor, moving: torch.Tensor, refine
     if net is not None:
         with torch.no_grad():
             net = net.to(device, memory_format=weight_layout(device))
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, dtype):
                 velocity = net.velocity(moving_small, fixed_small).contiguous()
             info["precision"] = str(dtype or torch.float32).removeprefix("torch.")
             flow = displacement_from_velocity(velocity, size, int_steps)

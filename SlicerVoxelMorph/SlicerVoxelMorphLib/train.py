@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import losses, metrics, variants
-from .devices import training_dtype, weight_layout
+from .devices import autocast, training_dtype, weight_layout
 from .errors import Cancelled, InputError
 from .files import atomic_path
 from .images import check_image, check_labels, read_image
@@ -354,7 +354,7 @@ class Trainer:
         *tensors, kind = batch  # "real", "synthetic", or "known" and "rescan" (label overlap, plus the known flow)
         use_similarity = kind == "real"
         moving, fixed, m_soft, f_soft, known = (t.to(self.device) if t is not None else None for t in tensors)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast(self.device, self.dtype):
             warped, flow, velocity = self.net(moving, fixed)
         smooth = losses.grad(velocity.float())
         loss = c.smooth_weight * smooth
