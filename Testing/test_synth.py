@@ -240,3 +240,52 @@ def test_aged_variant_moves_image_and_labels_together_and_widens_the_csf():
     tissue = aged_labels > 0
     assert np.abs(aged_image[tissue] - 0.8).mean() < 0.05  # the image went where its labels went
     assert (aged_image[~tissue & (radius < 10)] < 0.5).mean() > 0.9
+
+
+def _blanked_phantom(shape=(48, 40, 40)):
+    """A ball of grey (0.5) and white (0.8) matter, structure 1, above a ball that the image blanked out
+    (structure 2, black, as LPBA40's cerebellum), on a dark background."""
+    z, y, x = np.indices(shape).astype(float)
+    upper = (z - 12) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 9**2
+    lower = ((z - 33) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 13**2) & ~upper
+    labels = np.where(upper, 1, np.where(lower, 2, 0))
+    image = np.where(upper, np.where((z - 12) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 5**2, 0.8, 0.5), 0.0)
+    return image.astype(np.float32), labels, lower
+
+
+def test_a_structure_the_image_blanked_out_is_found_and_a_visible_one_is_not():
+    image, labels, lower = _blanked_phantom()
+    np.testing.assert_array_equal(synth.blanked_region(image, labels), lower)
+    assert not synth.blanked_region(image, np.where(labels == 1, 1, 0)).any()
+
+
+def test_a_blanked_structure_is_generated_as_grey_matter_with_a_white_core():
+    from scipy import ndimage
+
+    image, labels, lower = _blanked_phantom()
+    subject = make_subject("B", to_image(image), to_image(labels), [1, 2])
+    tissue = (subject.generation[0, 0].numpy().astype(int) - 1 - HEAD_LAYERS) % TISSUES
+    depth = ndimage.distance_transform_edt(lower)  # independent of SimpleITK's distance map
+    np.testing.assert_allclose(synth.depth_mm(lower, 2.0), 2 * depth, atol=1e-4)
+    core = depth > synth.CEREBELLUM_CORE_MM + 0.5
+    cortex = lower & (depth < synth.CEREBELLUM_CORE_MM - 0.5)
+    assert core.sum() > 20 and cortex.sum() > 1000
+    assert (tissue[core] == 2).all() and (tissue[cortex] == 1).all()  # white core, grey rest, no CSF
+    np.testing.assert_array_equal(synth.tissue_map(subject.generation.long())[0, 0].numpy()[lower],
+                                  np.where(tissue[lower] == 2, 4, 3))  # scored as grey and white matter
+
+
+def test_fill_blanked_draws_grey_and_white_matter_only_inside_the_region():
+    image, _, lower = _blanked_phantom()
+    filled = variants.fill_blanked(image, lower, np.random.default_rng(3))
+    np.testing.assert_array_equal(filled[~lower], image[~lower])  # outside untouched
+    inside = filled[lower]
+    assert 0.4 < inside.mean() < 0.8  # between the brain's grey (0.5) and white (0.8) levels
+    white = inside > 0.65
+    assert 0.03 < white.mean() < 0.6  # a grey cortex with some white matter: not one level
+    depth = synth.depth_mm(lower, 1.0)
+    assert filled[depth > synth.CEREBELLUM_CORE_MM + 1].mean() > 0.7  # the core is white
+    assert filled[lower & (depth < variants.CEREBELLUM_CORTEX_MM)].mean() < 0.6  # the outer layer grey
+    np.testing.assert_array_equal(variants.fill_blanked(image, lower, np.random.default_rng(3)), filled)
+    assert not np.array_equal(variants.fill_blanked(image, lower, np.random.default_rng(4)), filled)
+    np.testing.assert_array_equal(variants.fill_blanked(image, np.zeros_like(lower), np.random.default_rng(3)), image)

@@ -388,3 +388,45 @@ def test_a_list_file_with_a_blank_cell_names_its_row(tmp_path, capsys):
     assert main(["train", "--list", str(tmp_path / "list.csv"), "--quiet", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "row 3" in err and "labels" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fill_blanked_draws_the_blanked_structure_into_both_real_images_and_validation_scores_it(tmp_path, capsys):
+    from SlicerVoxelMorphLib.train import TrainConfig, Trainer
+
+    image, labels = phantom((32, 32, 32), seed=0)
+    image[labels == 2] = 0  # blanked out of the image, as LPBA40's cerebellum
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    base, base_labels = to_image(image), to_image(labels)
+    for s in range(4):
+        field = smooth_field(base, amplitude=2.0, seed=10 + s)
+        sitk.WriteImage(deform(base, field, sitk.sitkLinear), str(tmp_path / "img" / f"S{s}.nii.gz"))
+        sitk.WriteImage(deform(base_labels, field, sitk.sitkNearestNeighbor), str(tmp_path / "lab" / f"S{s}.nii.gz"))
+    paths = sorted(str(p) for p in (tmp_path / "img").iterdir())
+    label_paths = sorted(str(p) for p in (tmp_path / "lab").iterdir())
+
+    def trainer(fill: float, out: str) -> Trainer:
+        config = TrainConfig(images=paths[:3], labels=label_paths[:3], val_images=paths[3:], val_labels=label_paths[3:],
+                             fill_blanked=fill, augment=False, seed=3)
+        return Trainer(config, tmp_path / out, torch.device("cpu"))
+
+    filled, plain = trainer(1.0, "filled"), trainer(0.0, "plain")
+    for subject in filled.train_subjects:  # the blanked structure, found at the network level
+        region = torch.from_numpy(subject.blanked)
+        inside = subject.soft_labels[0, 1].float() / 255  # label 2, the second of [1, 2, 3]
+        assert region.any() and (inside[region] > 0.5).all()
+    for iteration in range(4):
+        a, b = filled.sample(iteration), plain.sample(iteration)
+        for side in (0, 1):  # moving and fixed image
+            sides = [subject for subject in filled.train_subjects
+                     if torch.equal(subject.image, b[side])]  # which subject: the pair is the same with or without
+            region = torch.from_numpy(sides[0].blanked)[None, None]
+            torch.testing.assert_close(a[side][~region], b[side][~region])  # nothing else changes
+            assert a[side][region].mean() > 0.3 > b[side][region].mean()  # drawn in, where it was dark
+    scores = filled.validate()
+    assert 0 < scores["val_dice_cerebellum"] <= 1 and scores["val_worst"] <= scores["val_dice_cerebellum"]
+    base = ["train", "--images", paths[0].rsplit("/", 1)[0], "--labels", label_paths[0].rsplit("/", 1)[0],
+            "--val-subjects", "S3", "--iterations", "2", "--device", "cpu", "--quiet"]
+    assert main([*base, "--fill-blanked", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "--fill-blanked" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

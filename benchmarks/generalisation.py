@@ -3,14 +3,15 @@ or a synthetic head, through the whole ``register`` pipeline (network only by de
 --auto-refine --polish), per model.
 With --scan-to-scan each subject goes to the next one of the list instead (the last to the first).
 
-Variants (SlicerVoxelMorphLib.variants): plain; the moving image remapped to inverted, T2-like,
-FLAIR-like, random monotone and random non-monotone contrasts (the fixed image stays T1); both images
-with synthetic CSF rim, skull and scalp around the brain; and, not in the default list, one image with them,
-the other skull-stripped (``moving_head``, ``fixed_head``), the moving subject made to look older (``aged``:
-image and labels pushed away from its CSF, ``variants.aged``: wider ventricles and sulci), or both images under
-headers that tell their anatomy right (``right_header``: as other datasets store brains; LPBA40's own headers
-have them turned by 180 degrees about the inferior-superior axis), or only the fixed one (``mixed_headers``: an
-LPBA40 subject as provided to an atlas of another dataset).
+Variants (SlicerVoxelMorphLib.variants): plain; the moving image remapped to inverted, T2-like, FLAIR-like,
+random monotone and random non-monotone contrasts (the fixed image stays T1); both images with synthetic CSF
+rim, skull and scalp around the brain; both with their blanked-out cerebellum drawn in (``cerebellum``:
+``variants.fill_blanked``, as other datasets' brains have one); and, not in the default list, one image with
+head layers, the other skull-stripped (``moving_head``, ``fixed_head``), the moving subject made to look older
+(``aged``: image and labels pushed away from its CSF, ``variants.aged``: wider ventricles and sulci), or both
+images under headers that tell their anatomy right (``right_header``: as other datasets store brains; LPBA40's
+own headers have them turned by 180 degrees about the inferior-superior axis), or only the fixed one
+(``mixed_headers``: an LPBA40 subject as provided to an atlas of another dataset).
 With --score tissue the Dice is over the tissue labels of each subject (``synth.tissue_map`` of its T1 image
 and structure labels: CSF inside the labelled structures, CSF outside them (the ventricles), grey and white
 matter), like the whole-brain aseg labels of other datasets, instead of LPBA40's 56 structures.
@@ -44,7 +45,7 @@ from SlicerVoxelMorphLib import metrics, variants
 from SlicerVoxelMorphLib.orientation import turned_header
 from SlicerVoxelMorphLib.preprocess import normalise
 from SlicerVoxelMorphLib.register import register
-from SlicerVoxelMorphLib.synth import TISSUE_LABELS, csf_of, make_subject, tissue_map
+from SlicerVoxelMorphLib.synth import TISSUE_LABELS, blanked_region, csf_of, make_subject, tissue_map
 
 TISSUE_NAMES = {1: "sulcal CSF", 2: "ventricular CSF", 3: "grey matter", 4: "white matter"}
 assert len(TISSUE_NAMES) == TISSUE_LABELS
@@ -100,7 +101,8 @@ def variant_image(image: sitk.Image, labels: sitk.Image, kind: str, seed: int) -
     if kind == "head":
         ids = metrics.label_ids(sitk.GetArrayViewFromImage(labels))
         distance = make_subject("v", image, labels, ids).distance[0, 0].numpy()
-    out = sitk.GetImageFromArray(variants.variant(array, kind, distance, seed, image.GetSpacing()[0]))
+    blanked = blanked_region(array, sitk.GetArrayFromImage(labels)) if kind == "cerebellum" else None
+    out = sitk.GetImageFromArray(variants.variant(array, kind, distance, seed, image.GetSpacing()[0], blanked))
     out.CopyInformation(image)
     return out
 
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
                     if kind not in (FIXED_HEAD, RIGHT_HEADER, MIXED_HEADERS) else moving
-            f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else fixed
+            f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else \
+                variant_image(fixed, fixed_labels, kind, 1000 + n) if kind in variants.BOTH_IMAGES else fixed
             f_labels = f_scored
             if kind == RIGHT_HEADER:
                 f, m, f_labels, m_scored = (right_header(image) for image in (fixed, moving, f_scored, m_scored))

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = {}
         for kind in variants.VARIANTS:
             m = variant_image(moving, moving_labels, kind, n)
-            pairs[kind] = (variant_image(fixed, fixed_labels, kind, 1000 + n) if kind == "head" else fixed, m)
+            both = kind in variants.BOTH_IMAGES
+            pairs[kind] = (variant_image(fixed, fixed_labels, kind, 1000 + n) if both else fixed, m)
         head = pairs["head"][1]
         truth = known_field(head, foreground_mask(head), seed=100 + n)  # as benchmarks/head_field.py
         pairs["same head"] = (sitk.Resample(head, head, images.field_transform(truth), sitk.sitkLinear, 0.0,

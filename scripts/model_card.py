@@ -28,13 +28,15 @@ clinical decisions."""
 
 SYNTHESIS = """\
   label maps: the 56 LPBA40 structures, each split into CSF / grey / white matter by 1D k-means of the
-  subject's intensities in the brain, plus CSF rim, skull and scalp layers of random thickness
-  (1-8 mm each, smoothly varying) drawn around the brain in 60 % of images; each image: random affine
-  (rotation +-10 deg, log-scale +-0.12, shear +-0.05) and a random stationary velocity field (SD up to
-  3 voxels at 1/8 resolution, integrated), CSF grown into neighbouring tissue in half of them
-  (atrophy), one random intensity per tissue class (or per label, 30 %) with per-structure jitter,
-  Gaussian noise per label, blur (SD up to 1 voxel), bias field, resolution loss along one axis (30 %),
-  gamma and noise; the moving and fixed maps are two subjects (or one, 20 %), each with its own contrast"""
+  subject's intensities in the brain (a structure its image blanked out, LPBA40's cerebellum: grey
+  matter with a white core deeper than 7.5 mm, in runs started from 2026-12-08), plus CSF rim, skull and
+  scalp layers of random thickness (1-8 mm each, smoothly varying) drawn around the brain in 60 % of
+  images; each image: random affine (rotation +-10 deg, log-scale +-0.12, shear +-0.05) and a random
+  stationary velocity field (SD up to 3 voxels at 1/8 resolution, integrated), CSF grown into
+  neighbouring tissue in half of them (atrophy), one random intensity per tissue class (or per label,
+  30 %) with per-structure jitter, Gaussian noise per label, blur (SD up to 1 voxel), bias field,
+  resolution loss along one axis (30 %), gamma and noise; the moving and fixed maps are two subjects (or
+  one, 20 %), each with its own contrast"""
 
 LIMITS = """\
 - Trained on 24 LPBA40 subjects (one site, one scanner protocol, healthy young adults); other
@@ -148,8 +150,12 @@ def render(name: str, record: dict, evaluation: str | None, run: str | None = No
             "- pairs: all to the atlas" if c["mode"] == "atlas" else
             f"- pairs: scan-to-scan, {c['atlas_fraction']:.0%} of pairs to the atlas" if t["atlas"] else
             "- pairs: scan-to-scan between training subjects",
-            f"- loss: NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness of the velocity "
+            f"- loss: {c['ncc_weight']} x NCC (window {c['ncc_window']}) + {c['smooth_weight']} x gradient smoothness "
+            "of the velocity "
             f"+ {c['dice_weight']} x soft Dice on {c['dice_labels_per_iteration']} random labels per iteration"]),
+        *([f"- in {c['fill_blanked']:.0%} of real pairs the structures the images blanked out (LPBA40's cerebellum) "
+           "drawn in on both images (`variants.fill_blanked`: grey cortex, white core and random white branches at "
+           "each image's grey and white matter levels)"] if c.get("fill_blanked") else []),
         *([f"- every pair, synthesised and real: + {c['tissue_weight']} x the soft Dice of the brain's tissue "
            "classes (`synth.tissue_map`: CSF inside and outside the labelled structures, grey and white matter)"]
           if c.get("tissue_weight") else []),

@@ -469,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tissue-weight", type=float,
                    help="weight of the label overlap of the brain's tissue classes (CSF in and outside the labelled "
                         "structures, grey and white matter, from each image's intensities) on every pair (default 0)")
+    t.add_argument("--fill-blanked", type=float,
+                   help="share of real pairs whose structures that the images blanked out (LPBA40's cerebellum) are "
+                        "drawn in as a cerebellum on both images, grey and white matter at each image's levels "
+                        "(default 0)")
     t.add_argument("--init-model", help="start from the weights of a model file ('bundled': the bundled model)")
     t.add_argument("--residual-stage", action="store_true", default=None,
                    help="add a second network that refines the --init-model's field from the image it warps, "

@@ -79,9 +79,36 @@ def brain_mask(labels: sitk.Image) -> sitk.Image:
     return sitk.Or(enclosed, labelled)
 
 
+BLANKED_LEVEL = 0.05  # a structure whose median normalised intensity is below this was blanked out of its image
+CEREBELLUM_CORE_MM = 7.5  # a blanked structure is drawn white matter deeper than this (LPBA40 S01's cerebellum: 25 %)
+
+
+def blanked_region(intensity: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Voxels (bool) of the labelled structures that an image has blanked out: median normalised ``intensity``
+    below BLANKED_LEVEL (LPBA40's images are black in their cerebellum label, while other datasets' brains have
+    a cerebellum)."""
+    ids = metrics.label_ids(labels)
+    if not ids:
+        return np.zeros(labels.shape, dtype=bool)
+    compact = metrics.compact_labels(labels, ids).reshape(labels.shape)
+    medians = [np.median(intensity[compact == n]) for n in range(1, len(ids) + 1)]
+    blanked = [n for n, median in enumerate(medians, start=1) if median < BLANKED_LEVEL]
+    return np.isin(compact, blanked)
+
+
+def depth_mm(region: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Distance (mm, float32) from every voxel of ``region`` (bool) to the nearest voxel outside it; 0 outside."""
+    outside = sitk.GetImageFromArray((~region).astype(np.uint8))  # the nearest outside voxel is on its boundary
+    outside.SetSpacing([spacing_mm] * 3)
+    depth = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(outside, insideIsPositive=False,
+                                                                squaredDistance=False, useImageSpacing=True))
+    return np.where(region, depth, 0).astype(np.float32)
+
+
 def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: list[int]) -> SynthSubject:
     """Generation label map and outside-brain distance of one labelled image (labels on its grid); the
-    brain is ``brain_mask`` of the labels."""
+    brain is ``brain_mask`` of the labels. Structures the image blanked out (``blanked_region``) are drawn
+    as a cerebellum: grey matter with a white matter core (CEREBELLUM_CORE_MM), not as dark tissue."""
     labels = check_labels(labels, image, f"{name} labels")
     label_array = sitk.GetArrayFromImage(labels).astype(np.int64)
     if not np.isin(label_array, [0, *label_set]).all():
@@ -90,11 +117,13 @@ def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: li
     brain = sitk.GetArrayFromImage(brain_image).astype(bool)
     intensity = normalise(sitk.GetArrayFromImage(image))
     tissue = tissue_classes(intensity, brain)
+    spacing = image.GetSpacing()
+    blanked = blanked_region(intensity, label_array)
+    tissue = np.where(blanked, np.where(depth_mm(blanked, spacing[0]) > CEREBELLUM_CORE_MM, 2, 1), tissue)
     structure = metrics.compact_labels(label_array, label_set).reshape(label_array.shape)
     generation = np.where(brain, 1 + HEAD_LAYERS + structure * TISSUES + tissue, 0)
     distance = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
         brain_image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
-    spacing = image.GetSpacing()
     if not np.allclose(spacing, spacing[0], rtol=1e-3):
         raise InputError(f"{name}: synthesis needs isotropic voxels, not {spacing}")
     return SynthSubject(name, torch.from_numpy(generation.astype(np.float32))[None, None],

@@ -32,6 +32,7 @@ from .synth import (
     Synthesiser,
     SynthSettings,
     SynthSubject,
+    blanked_region,
     flow_of_grid,
     make_subject,
     random_affine_matrix,
@@ -72,6 +73,7 @@ class TrainConfig:
     rescan_fraction: float = 0.0  # share of iterations on a real image and a deformed copy (variants.rescan_pair)
     csf_expansion: float = 0.0  # share of synthesised label maps with tissue pushed away from CSF (older brains)
     tissue_weight: float = 0.0  # weight of the soft Dice of the brain's tissue classes (synth.tissue_map), every pair
+    fill_blanked: float = 0.0  # share of real pairs whose blanked structures are drawn in (variants.fill_blanked)
     init_model: str | None = None  # warm start from a model file (or 'bundled')
     residual_stage: bool = False  # train a second stage on top of the frozen --init-model (networks.VxmDense)
     fine_stage: bool = False  # train a full-resolution last stage on top of the frozen --init-model
@@ -87,6 +89,7 @@ class Subject:
     soft_labels: torch.Tensor | None  # (1, L, D, H, W) uint8, 255 x fraction of each label
     soft_tissues: torch.Tensor | None  # (1, TISSUE_LABELS, D, H, W) uint8, the same of each synth.tissue_map class
     labels: np.ndarray | None  # full-resolution label map, for validation Dice
+    blanked: np.ndarray | None = None  # (D, H, W) bool at the training spacing: structures the image blanked out
 
 
 def load_subject(image_path: str, label_path: str | None, label_set: list[int], grid: sitk.Image, factor: int,
@@ -96,19 +99,22 @@ def load_subject(image_path: str, label_path: str | None, label_set: list[int], 
     ``tissues`` as well the soft maps of its tissue classes (``synth.tissue_map``) for a tissue loss."""
     image = check_image(read_image(image_path, "training image"), f"training image {image_path}")
     name = Path(image_path).name.split(".")[0]
-    small = downsample(torch.from_numpy(prepare(image, grid))[None, None], factor)
-    labels = soft = soft_tissues = synthetic = None
+    prepared = prepare(image, grid)
+    small = downsample(torch.from_numpy(prepared)[None, None], factor)
+    labels = soft = soft_tissues = synthetic = blanked = None
     if label_path is not None:
         label_image = check_labels(read_image(label_path, "training labels"), image, f"labels {label_path}")
         on_grid = resample(label_image, grid, labels=True)
         labels = sitk.GetArrayFromImage(on_grid)
         soft = _soft_maps(labels, label_set, factor)
+        region = blanked_region(prepared, labels)
+        blanked = downsample(torch.from_numpy(region).float()[None, None], factor)[0, 0].numpy() > 0.5
         if for_synthesis:
             synthetic = make_subject(name, resample(image, grid), on_grid, label_set)
             if tissues:
                 classes = tissue_map(synthetic.generation.long())[0, 0].numpy()
                 soft_tissues = _soft_maps(classes, list(range(1, TISSUE_LABELS + 1)), factor)
-    return Subject(name, small.contiguous(), soft, soft_tissues, labels), synthetic
+    return Subject(name, small.contiguous(), soft, soft_tissues, labels, blanked), synthetic
 
 
 def _soft_maps(labels: np.ndarray, ids: list[int], factor: int) -> torch.Tensor:
@@ -194,6 +200,7 @@ class Trainer:
                 ("--synth-fraction", c.synth_fraction, 0 <= c.synth_fraction <= 1, "in [0, 1]"),
                 ("--known-fraction", c.known_fraction, 0 <= c.known_fraction <= 1, "in [0, 1]"),
                 ("--csf-expansion", c.csf_expansion, 0 <= c.csf_expansion <= 1, "in [0, 1]"),
+                ("--fill-blanked", c.fill_blanked, 0 <= c.fill_blanked <= 1, "in [0, 1]"),
                 ("--ncc-weight", c.ncc_weight, c.ncc_weight >= 0, ">= 0")):
             if not valid:
                 raise InputError(f"{option} must be {rule}, not {value}")
@@ -293,9 +300,18 @@ class Trainer:
         m_soft = self._soft(moving, chosen) if use_labels else None
         f_soft = self._soft(fixed, chosen) if use_labels else None
         m_image, f_image = moving.image, fixed.image
+        if c.fill_blanked > 0 and rng.random() < c.fill_blanked:  # no draw without it: older runs' streams
+            m_image, f_image = (self._filled(subject, rng) for subject in (moving, fixed))
         if c.augment:
             m_image, f_image, m_soft = augment_pair(m_image, f_image, m_soft, rng)
         return m_image, f_image, m_soft, f_soft, None, "real"
+
+    def _filled(self, subject: Subject, rng: np.random.Generator) -> torch.Tensor:
+        """The subject's image with its blanked structures drawn in (``variants.fill_blanked``)."""
+        if subject.blanked is None:
+            return subject.image
+        image = variants.fill_blanked(subject.image[0, 0].numpy(), subject.blanked, rng, self.config.spacing_mm)
+        return torch.from_numpy(image)[None, None]
 
     def _soft(self, subject: Subject, chosen: torch.Tensor) -> torch.Tensor:
         """Soft maps (1, C, ...) in [0, 1] of the ``chosen`` labels, then, with ``tissue_weight``, of the
@@ -387,10 +403,10 @@ class Trainer:
     def _variant(self, subject: Subject, kind: str, seed: int) -> torch.Tensor:
         image = subject.image[0, 0].numpy()
         distance = self.val_distance.get(subject.name)
-        if kind == "head" and distance is None:
+        if (kind == "head" and distance is None) or (kind == "cerebellum" and subject.blanked is None):
             return subject.image
         out = variants.variant(image, kind, None if distance is None else distance[0, 0].numpy(), seed,
-                               voxel_mm=self.config.spacing_mm)
+                               voxel_mm=self.config.spacing_mm, blanked=subject.blanked)
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None, None]
 
     @torch.no_grad()
@@ -408,7 +424,7 @@ class Trainer:
             dices = []
             for n, (moving, fixed) in enumerate(pairs):
                 m_image = self._variant(moving, kind, n)
-                f_image = self._variant(fixed, kind, 1000 + n) if kind == "head" else fixed.image
+                f_image = self._variant(fixed, kind, 1000 + n) if kind in variants.BOTH_IMAGES else fixed.image
                 dice, folding, tissue = self._validate_pair(moving, fixed, m_image, f_image, kind == "plain")
                 dices.append(dice)
                 if folding is not None:

@@ -1,4 +1,5 @@
-"""Variants of a real T1 brain image: remapped contrasts, a synthetic head around it, an older brain, a rescan.
+"""Variants of a real T1 brain image: remapped contrasts, a synthetic head around it, a cerebellum drawn in
+where it was blanked out, an older brain, a rescan.
 
 Each validation variant is a fixed, seeded function of one normalised image, so validation figures
 are comparable across checkpoints and models: they measure generalisation to other contrasts and to
@@ -12,9 +13,11 @@ import torch.nn.functional as F
 
 from .preprocess import normalise
 from .synth import (
+    CEREBELLUM_CORE_MM,
     Synthesiser,
     SynthSettings,
     blur,
+    depth_mm,
     expansion_flow,
     flow_of_grid,
     sampling_grid,
@@ -22,7 +25,8 @@ from .synth import (
 )
 
 CONTRASTS = ("inverted", "t2", "flair", "monotone", "nonmonotone")
-VARIANTS = ("plain", *CONTRASTS, "head")
+VARIANTS = ("plain", *CONTRASTS, "head", "cerebellum")
+BOTH_IMAGES = ("head", "cerebellum")  # variants of both images of a pair (the others: of the moving image)
 BRAIN_THRESHOLD = 0.05
 
 
@@ -74,11 +78,42 @@ def add_head(image: np.ndarray, distance_mm: np.ndarray, seed: int = 0,
     return normalise(out)
 
 
+CEREBELLUM_CORTEX_MM = 1.5  # the outer layer of a drawn-in cerebellum is grey matter
+FOLIA_SD_MM = 1.2  # smoothness of the random noise whose peaks are its white matter branches (folia)
+FOLIA_LEVEL = 1.0  # noise (unit SD) above which a voxel between cortex and core is white matter
+
+
+def fill_blanked(image: np.ndarray, region: np.ndarray, rng: np.random.Generator,
+                 voxel_mm: float = 1.0) -> np.ndarray:
+    """A normalised T1 image with ``region`` (bool: structures it blanked out, ``synth.blanked_region``) drawn in
+    as a cerebellum at the grey and white matter levels of the rest of its brain: grey cortex, white core and
+    random white branches between them (seeded by ``rng``), a little noise; unchanged without a region."""
+    if not region.any():
+        return image
+    brain = (image > BRAIN_THRESHOLD) & ~region
+    _, grey, white = tissue_centres(image[brain])
+    depth = depth_mm(region, voxel_mm)
+    noise = torch.from_numpy(rng.standard_normal(image.shape).astype(np.float32))[None, None]
+    noise = blur(noise, np.full(3, FOLIA_SD_MM / voxel_mm))[0, 0].numpy()
+    noise /= max(float(noise[region].std()), 1e-6)
+    white_matter = (depth > CEREBELLUM_CORE_MM) | ((depth > CEREBELLUM_CORTEX_MM) & (noise > FOLIA_LEVEL))
+    tissue = np.where(white_matter, white, grey).astype(np.float32)
+    tissue += rng.normal(0, 0.02, image.shape).astype(np.float32)
+    drawn = np.where(region, tissue, image).astype(np.float32)
+    edge = blur(torch.from_numpy(drawn)[None, None], np.full(3, 0.5 / voxel_mm))[0, 0].numpy()
+    return np.where(region, edge, image).clip(0, 1).astype(np.float32)
+
+
 def variant(image: np.ndarray, kind: str, distance_mm: np.ndarray | None = None, seed: int = 0,
-            voxel_mm: float = 1.0) -> np.ndarray:
-    """One of ``VARIANTS`` of a normalised T1 image ('head' needs the outside-brain distance)."""
+            voxel_mm: float = 1.0, blanked: np.ndarray | None = None) -> np.ndarray:
+    """One of ``VARIANTS`` of a normalised T1 image ('head' needs the outside-brain distance, 'cerebellum' the
+    ``blanked`` region)."""
     if kind == "plain":
         return image
+    if kind == "cerebellum":
+        if blanked is None:
+            raise ValueError("the cerebellum variant needs the blanked region")
+        return fill_blanked(image, blanked, np.random.default_rng(seed), voxel_mm)
     if kind == "head":
         if distance_mm is None:
             raise ValueError("the head variant needs the distance outside the brain")
