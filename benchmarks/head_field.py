@@ -3,7 +3,7 @@ a copy of itself deformed by a known smooth field (largest displacement 6 mm ins
 end-point error (mm) of the recovered field inside the head, before (identity) and after, per model.
 
     python benchmarks/head_field.py --models it3500=PATH,it5000=PATH [--subjects S35,S36] [--accurate]
-        [--auto-refine] [--polish] [--threads 2] [--out DIR]
+        [--auto-refine] [--polish] [--cerebellum] [--threads 2] [--out DIR]
 """
 
 import argparse
@@ -51,12 +51,17 @@ def known_field(image: sitk.Image, head: np.ndarray, seed: int) -> sitk.Image:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
+    parser.add_argument("--cerebellum", action="store_true",
+                        help="draw the cerebellum LPBA40 blanked out into the head first (variants.fill_blanked)")
     args = parser.parse_args(argv)
     data, out, models, subjects = common_settings(args)
     rows = []
     for n, subject in enumerate(subjects):
         image_path, labels_path = find_subject(data, subject)
-        head = variant_image(sitk.ReadImage(str(image_path)), sitk.ReadImage(str(labels_path)), "head", n)
+        image, labels = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(labels_path))
+        if args.cerebellum:
+            image = variant_image(image, labels, "cerebellum", 500 + n)
+        head = variant_image(image, labels, "head", n)
         truth = known_field(head, foreground_mask(head), seed=100 + n)
         # the deformed copy is the fixed image: its point x shows the head at x + u(x), so the registration
         # (fixed: deformed, moving: head) should find u itself
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{subject} {name}: end-point error {before:.2f} -> {after:.2f} mm, same-head score "
                   f"{rows[-1]['same_head']}, alignment ratio {rows[-1]['ratio']}"
                   f"{' (safety net refined)' if rows[-1]['refined'] else ''}", flush=True)
-    lines = [f"# Whole-head proxy: LPBA40 {', '.join(subjects)} with a synthetic head, registered to a copy "
+    lines = [f"# Whole-head proxy: LPBA40 {', '.join(subjects)} with a synthetic head"
+             f"{' and a drawn-in cerebellum' if args.cerebellum else ''}, registered to a copy "
              f"deformed by a known smooth field (largest {LARGEST_MM:g} mm), "
              f"{'accurate preset' if args.accurate else 'network, polished' if args.polish else 'network only'}, "
              f"safety net {'on' if args.auto_refine else 'off'}, polish {'on' if args.polish else 'off'}", "",
