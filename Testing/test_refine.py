@@ -383,8 +383,10 @@ def test_fast_mode_polishes_a_pair_of_one_contrast_with_a_few_steps_and_not_a_pa
     monkeypatch.setattr(register, "SAME_HEAD_SCORE", np.inf)  # this pair is one head deformed: that check apart
     paths, _ = write_phantom_pair(tmp_path, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0), field_seed=3,
                                   sigma_mm=16.0, phantom_seed=5)
+    # synth_fine (the default's architecture and warm start) leaves this phantom room to improve; the default
+    # synth_cerebellum aligns it to Dice 0.950 alone, a near-optimum that three steps at lr 0.1 move to 0.945
     base = ["register", "--fixed", str(paths["fixed"]), "--fixed-labels", str(paths["fixed_labels"]),
-            "--moving-labels", str(paths["moving_labels"]), "--quiet"]
+            "--moving-labels", str(paths["moving_labels"]), "--model", "synth_fine", "--quiet"]
     one = ["--moving", str(paths["moving"])]
     assert main([*base, *one, "--no-polish", "--out", str(tmp_path / "network")]) == 0
     network = json.loads((tmp_path / "network" / "report.json").read_text())

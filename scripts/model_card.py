@@ -120,11 +120,14 @@ def render(name: str, record: dict, evaluation: str | None, run: str | None = No
            "the second, the same UNet, sees the moving image warped by the first stage's field and adds a velocity "
            "correction, so the result is still one stationary velocity field."]
           if c.get("residual_stage") and not c.get("fine_stage") else []),
-        *([f"Three stages (`train --residual-stage --fine-stage`): the first two are the frozen `--init-model` "
-           f"({c['init_model']}); the third, a `vm1` UNet at full resolution ({record['spacing_mm']} mm, no "
+        *([f"Three stages (`train --residual-stage --fine-stage`): the first two are "
+           f"{'those of' if c.get('all_stages') else 'the frozen'} `--init-model` ({c['init_model']}); "
+           f"the third, a `vm1` UNet at full resolution ({record['spacing_mm']} mm, no "
            "half-resolution head), sees "
            "the moving image warped by the first two stages' field and adds a velocity correction to their "
-           "velocity upsampled to its grid: still one stationary velocity field."] if c.get("fine_stage") else []),
+           "velocity upsampled to its grid: still one stationary velocity field."
+           + (" All three were fine-tuned together (`--all-stages`)." if c.get("all_stages") else "")]
+          if c.get("fine_stage") else []),
         "",
         "## Training",
         *([f"- {c['synth_fraction']:.0%} of iterations on pairs synthesised from the label maps "
@@ -173,6 +176,8 @@ def render(name: str, record: dict, evaluation: str | None, run: str | None = No
         *[f"- the same with {kind} moving images: {v[f'val_dice_{kind}']:.4f}"
           for kind in ("inverted", "t2", "flair", "monotone", "nonmonotone") if f"val_dice_{kind}" in v],
         *([f"- the same with a synthetic head on both: {v['val_dice_head']:.4f}",
+           *([f"- the same with the blanked cerebellum drawn into both: {v['val_dice_cerebellum']:.4f}"]
+             if "val_dice_cerebellum" in v else []),
            f"- worst of these (the selection criterion): {v['val_worst']:.4f}"] if "val_worst" in v else []),
         f"- % voxels with det J <= 0 in the brain: {v.get('val_folding_percent', float('nan')):.4f}",
         *([f"- whole-head proxy (a validation subject with a synthetic head and a copy deformed by a known "

@@ -19,7 +19,7 @@ FORMAT = "slicer-voxelmorph-model"
 FORMAT_VERSION = 2  # 2: the hash also covers the architecture, spacing and normalisation
 SEALED = ("config", "spacing_mm", "normalisation")  # what the network's output depends on besides weights
 BUNDLED_DIR = Path(__file__).parent / "bundled"
-DEFAULT_MODEL = "synth_fine"  # the file bundled/<name>.pt that --model bundled means
+DEFAULT_MODEL = "synth_cerebellum"  # the file bundled/<name>.pt that --model bundled means
 BUNDLED = BUNDLED_DIR / f"{DEFAULT_MODEL}.pt"
 SAME_HEAD_MODEL = "same_head"  # the bundled model that --model bundled uses for two scans of one head
 
