@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 m = variant_image(moving, moving_labels, "head" if kind == MOVING_HEAD else kind, n) \
                     if kind not in (FIXED_HEAD, RIGHT_HEADER, MIXED_HEADERS) else moving
-            f = variant_image(fixed, fixed_labels, "head", 1000 + n) if kind in ("head", FIXED_HEAD) else \
-                variant_image(fixed, fixed_labels, kind, 1000 + n) if kind in variants.BOTH_IMAGES else fixed
+            f = variant_image(fixed, fixed_labels, "head" if kind == FIXED_HEAD else kind, 1000 + n) \
+                if kind in (*variants.BOTH_IMAGES, FIXED_HEAD) else fixed
             f_labels = f_scored
             if kind == RIGHT_HEADER:
                 f, m, f_labels, m_scored = (right_header(image) for image in (fixed, moving, f_scored, m_scored))

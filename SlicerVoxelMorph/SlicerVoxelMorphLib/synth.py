@@ -105,10 +105,12 @@ def depth_mm(region: np.ndarray, spacing_mm: float) -> np.ndarray:
     return np.where(region, depth, 0).astype(np.float32)
 
 
-def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: list[int]) -> SynthSubject:
+def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: list[int],
+                 blanked: np.ndarray | None = None) -> SynthSubject:
     """Generation label map and outside-brain distance of one labelled image (labels on its grid); the
-    brain is ``brain_mask`` of the labels. Structures the image blanked out (``blanked_region``) are drawn
-    as a cerebellum: grey matter with a white matter core (CEREBELLUM_CORE_MM), not as dark tissue."""
+    brain is ``brain_mask`` of the labels. Structures the image blanked out (``blanked``, by default
+    ``blanked_region`` of the two) are drawn as a cerebellum: grey matter with a white matter core
+    (CEREBELLUM_CORE_MM), not as dark tissue."""
     labels = check_labels(labels, image, f"{name} labels")
     label_array = sitk.GetArrayFromImage(labels).astype(np.int64)
     if not np.isin(label_array, [0, *label_set]).all():
@@ -118,7 +120,7 @@ def make_subject(name: str, image: sitk.Image, labels: sitk.Image, label_set: li
     intensity = normalise(sitk.GetArrayFromImage(image))
     tissue = tissue_classes(intensity, brain)
     spacing = image.GetSpacing()
-    blanked = blanked_region(intensity, label_array)
+    blanked = blanked_region(intensity, label_array) if blanked is None else blanked
     tissue = np.where(blanked, np.where(depth_mm(blanked, spacing[0]) > CEREBELLUM_CORE_MM, 2, 1), tissue)
     structure = metrics.compact_labels(label_array, label_set).reshape(label_array.shape)
     generation = np.where(brain, 1 + HEAD_LAYERS + structure * TISSUES + tissue, 0)

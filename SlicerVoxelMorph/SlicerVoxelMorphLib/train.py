@@ -110,7 +110,7 @@ def load_subject(image_path: str, label_path: str | None, label_set: list[int], 
         region = blanked_region(prepared, labels)
         blanked = downsample(torch.from_numpy(region).float()[None, None], factor)[0, 0].numpy() > 0.5
         if for_synthesis:
-            synthetic = make_subject(name, resample(image, grid), on_grid, label_set)
+            synthetic = make_subject(name, resample(image, grid), on_grid, label_set, region)
             if tissues:
                 classes = tissue_map(synthetic.generation.long())[0, 0].numpy()
                 soft_tissues = _soft_maps(classes, list(range(1, TISSUE_LABELS + 1)), factor)
